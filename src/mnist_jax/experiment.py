@@ -1,0 +1,333 @@
+"""The study: explore MNIST, train every variant (and seed) together, evaluate, report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_jax import files, fit, plots, report, runtime, stats
+from mnist_jax.config import DROPOUT, L2, VARIANTS, TrainConfig, Variant, select_variants
+from mnist_jax.data import MNIST
+from mnist_jax.errors import ConfigError, Interrupted, TrainingDiverged
+from mnist_jax.model import count_params, summary
+
+FIGURES = "figures"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """What to train: built-in variants by name, seeds, and the shared training settings."""
+
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0,)
+    l2: float = L2
+    dropout: float = DROPOUT
+    train: TrainConfig = TrainConfig()
+
+    def resolve(self) -> tuple[Variant, ...]:
+        """The variants with this config's L2 coefficient and dropout rate, validated."""
+        variants = select_variants(self.variants, l2=self.l2, dropout=self.dropout)
+        for variant in variants:
+            variant.validate(self.train.hidden)
+        return variants
+
+    def validate(self, n_train: int = 60000) -> None:
+        """Every setting, before any work starts; raises ConfigError naming the flag."""
+        self.resolve()
+        self.train.validate(n_train)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
+                not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"--seeds {self.seeds} must be distinct integers >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
+        train = dict(d["train"])
+        train["hidden"] = tuple(train["hidden"])
+        return cls(variants=tuple(d["variants"]), seeds=tuple(d["seeds"]), l2=d["l2"],
+                   dropout=d["dropout"], train=TrainConfig(**train))
+
+
+def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0) -> dict[str, str]:
+    """The label distributions and 25 random digits as PNGs; returns their relative paths."""
+    out = Path(out_dir)
+    figures = {
+        "label_distribution": plots.label_distribution(mnist.train_labels, mnist.test_labels),
+        "digits": plots.random_digits(mnist.train_images, mnist.train_labels, seed=seed),
+    }
+    paths = {}
+    for key, fig in figures.items():
+        paths[key] = f"{FIGURES}/{key}.png"
+        plots.save(fig, out / paths[key])
+    return paths
+
+
+def _final(history: Mapping[str, list[float]], key: str) -> float:
+    return history[key][-1]
+
+
+def collect(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
+    """Per-variant results (histories, test and full-train metrics, statistics over seeds)."""
+    test = fit.evaluate_models(stack, splits.test_images, splits.test_labels)
+    full = fit.evaluate_models(stack, np.concatenate([splits.train_images, splits.val_images]),
+                               np.concatenate([splits.train_labels, splits.val_labels]))
+    n_models = len(stack.seeds) * len(stack.variants)
+    variants = {}
+    for v, variant in enumerate(stack.variants):
+        runs = []
+        for s, seed in enumerate(stack.seeds):
+            runs.append({
+                "seed": seed,
+                "history": stack.histories[variant.name][s],
+                "test": {k: float(test[k][s, v]) for k in test},
+                "train_full": {k: float(full[k][s, v]) for k in full},
+            })
+        finals = {key: [_final(r["history"], key) for r in runs] for key in runs[0]["history"]}
+        per_metric = {
+            **{key: stats.summarize(values) for key, values in finals.items()},
+            "test_loss": stats.summarize([r["test"]["loss"] for r in runs]),
+            "test_accuracy": stats.summarize([r["test"]["accuracy"] for r in runs]),
+            "train_full_loss": stats.summarize([r["train_full"]["loss"] for r in runs]),
+            "train_full_accuracy": stats.summarize([r["train_full"]["accuracy"] for r in runs]),
+        }
+        mean_history = {key: np.mean([r["history"][key] for r in runs], axis=0).tolist()
+                        for key in runs[0]["history"]}
+        variants[variant.name] = {
+            "variant": dataclasses.asdict(variant),
+            "history": mean_history,
+            "test": {k: float(np.mean([r["test"][k] for r in runs])) for k in test},
+            "train_full": {k: float(np.mean([r["train_full"][k] for r in runs])) for k in full},
+            "train_seconds": stack.train_seconds / n_models,
+            "stats": per_metric,
+            "runs": runs,
+        }
+    return variants
+
+
+def compare(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every pair of variants: paired difference in test accuracy with its 95% interval."""
+    names = list(variants)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            acc_a = [r["test"]["accuracy"] for r in variants[a]["runs"]]
+            acc_b = [r["test"]["accuracy"] for r in variants[b]["runs"]]
+            out.append({"a": a, "b": b, "metric": "test_accuracy",
+                        **stats.paired_difference(acc_a, acc_b)})
+    return out
+
+
+def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mapping[str, Any],
+            best: str, out_dir: Path) -> dict[str, str]:
+    """Curves per variant, the comparison, and the best model's confusion and mistakes."""
+    made = {
+        "comparison": plots.compare_variants(
+            {name: [r["history"] for r in v["runs"]] for name, v in variants.items()},
+            {name: [r["test"]["accuracy"] for r in v["runs"]] for name, v in variants.items()}),
+    }
+    for name, v in variants.items():
+        made[f"curves_{name}"] = plots.history_curves([r["history"] for r in v["runs"]],
+                                                      title=name)
+    predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images)
+    true = mnist.test_labels.astype(np.int64)
+    seed = stack.seeds[0]
+    made["confusion"] = plots.confusion(
+        true, predicted, title=f"{best} (seed {seed}): test accuracy "
+                               f"{np.mean(true == predicted):.2%}")
+    made["misclassified"] = plots.misclassified(mnist.test_images, true, predicted)
+    paths = {}
+    for key, fig in made.items():
+        paths[key] = f"{FIGURES}/{key}.png"
+        plots.save(fig, out_dir / paths[key])
+    return paths
+
+
+def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, *,
+                   progress: bool = True, echo: Callable[[str], None] = print,
+                   on_epoch_end: Callable[[fit.Stack], None] | None = None,
+                   stack: fit.Stack | None = None) -> dict[str, Any]:
+    """Runs the whole study into `out_dir` and returns what metrics.json holds.
+
+    `stack` continues a restored run; `on_epoch_end` sees the stack after every epoch
+    (checkpoints hook in there).
+    """
+    t_start = time.perf_counter()
+    config.validate(len(mnist.train_images))
+    out = Path(out_dir)
+    variants = config.resolve()
+    eda = run_eda(mnist, out, seed=config.seeds[0])
+    splits = fit.prepare(mnist, config.train.validation_split)
+    if stack is None:
+        stack = fit.new_stack(variants, config.seeds, config.train, len(mnist.train_images))
+    echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
+         f"{len(config.variants) * len(config.seeds)} model(s) in one program, "
+         f"{config.train.epochs} epochs")
+    fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
+    echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
+
+    results_variants = collect(stack, splits)
+    best = max(results_variants, key=lambda n: results_variants[n]["stats"]["test_accuracy"]
+               ["mean"])
+    figure_paths = {**eda, **figures(stack, splits, mnist, results_variants, best, out)}
+    results = {
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "environment": runtime.environment(),
+        "data": {"source": mnist.source, "origin": mnist.origin,
+                 "cache_dir": str(mnist.cache_dir) if mnist.cache_dir else None,
+                 "sha256": dict(mnist.sha256), "train": len(splits.train_images),
+                 "validation": len(splits.val_images), "test": len(splits.test_images)},
+        "model": {"architecture": "-".join(map(str, (784, *config.train.hidden, 10))),
+                  "parameters": count_params(stack.params(variants[0].name)),
+                  "dropout_layers": stack.model.dropout},
+        "timing": {"compile_seconds": stack.compile_seconds,
+                   "train_seconds": stack.train_seconds,
+                   "models": len(config.variants) * len(config.seeds),
+                   "wall_seconds": None},
+        "variants": results_variants,
+        "comparisons": compare(results_variants),
+        "best_variant": best,
+        "figures": figure_paths,
+    }
+    results["timing"]["wall_seconds"] = time.perf_counter() - t_start
+    report.write(out, results)
+    return results
+
+
+# --- the run directory: never overwritten by accident, resumable ------------------------------
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+def load_run_config(out_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory was started with (its run.json)."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        return ExperimentConfig.from_dict(json.loads(path.read_text())["config"])
+    except FileNotFoundError as e:
+        raise ConfigError(f"--resume {out_dir}: there is no run there (no {RUN_FILE}); "
+                          "start one with --out") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume {out_dir}: {path} is unreadable ({e})") from e
+
+
+def _clear_outputs(out: Path) -> None:
+    for name in (RUN_FILE, "metrics.json", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for path in out.glob("history_*.csv"):
+        path.unlink()
+    for name in (FIGURES, CHECKPOINTS):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def prepare_run_dir(out_dir: str | Path, config: ExperimentConfig, *, resume: bool,
+                    overwrite: bool) -> Path:
+    """Checks that `out_dir` may receive this run, then records its config there."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory")
+    if resume:
+        saved = load_run_config(out)
+        if saved != config:
+            raise ConfigError(f"--resume {out}: the run there was started with another config")
+        return out
+    holds_run = (out / RUN_FILE).exists() or (out / "metrics.json").exists()
+    if holds_run and not overwrite:
+        raise ConfigError(f"--out {out} already holds a run; choose another --out, continue it "
+                          f"with --resume {out}, or replace it with --overwrite")
+    if holds_run:
+        _clear_outputs(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(out / RUN_FILE, {"config": config.to_dict(), "status": "running"})
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({e}); choose another --out") from e
+    return out
+
+
+def _set_status(out: Path, status: str, **extra: Any) -> None:
+    record = json.loads((out / RUN_FILE).read_text())
+    files.write_json(out / RUN_FILE, {**record, "status": status, **extra})
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(echo: Callable[[str], None]):
+    """First Ctrl-C: finish the epoch in flight, checkpoint it, then stop. Second: stop now."""
+    requested = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        echo("\ninterrupt: finishing this epoch and saving a checkpoint "
+             "(Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
+                       data_dir: str | Path | None = None, resume: bool = False,
+                       overwrite: bool = False, progress: bool = True,
+                       echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The main job: validate everything, then run the study into `out_dir`, checkpointing
+    every epoch; with `resume`, continue the run there from its newest checkpoint.
+
+    Raises ConfigError before any work for bad settings, TrainingDiverged (the last good
+    checkpoint kept) and Interrupted (after checkpointing) otherwise.
+    """
+    from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
+    from mnist_jax.data import load_mnist
+
+    config.validate()
+    out = prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite)
+    mnist = load_mnist(data_dir)
+    echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
+    mgr = checkpoint.manager(out / CHECKPOINTS)
+    stack = fit.new_stack(config.resolve(), config.seeds, config.train, len(mnist.train_images))
+    echo(summary(stack.model))
+    if resume:
+        if checkpoint.restore(mgr, stack) is None:
+            echo(f"no checkpoint in {out / CHECKPOINTS} yet: starting from epoch 1")
+        else:
+            echo(f"resuming after epoch {stack.epochs_done} of {config.train.epochs}")
+    with _deferred_interrupt(echo) as interrupt:
+        def on_epoch_end(s: fit.Stack) -> None:
+            checkpoint.save(mgr, s)
+            if interrupt and s.epochs_done < config.train.epochs:
+                raise Interrupted(f"interrupted after epoch {s.epochs_done} of "
+                                  f"{config.train.epochs}, checkpoint saved; resume with: "
+                                  f"mnist-jax experiment --resume {out}")
+        try:
+            results = run_experiment(config, mnist, out, progress=progress, echo=echo,
+                                     on_epoch_end=on_epoch_end, stack=stack)
+        except Interrupted:
+            _set_status(out, "interrupted", epochs_done=stack.epochs_done)
+            raise
+        except TrainingDiverged as e:
+            _set_status(out, "diverged", epochs_done=stack.epochs_done, error=str(e))
+            raise
+        finally:
+            mgr.close()
+    _set_status(out, "complete", epochs_done=stack.epochs_done)
+    return results

@@ -1,0 +1,291 @@
+"""The host side of training: data on the device once, a stack of models, the epoch loop.
+
+`train` fits one model and `train_stack` many (seeds x variants) in one compiled program;
+both compile once (timed apart), then run one device call per epoch, reading back only that
+epoch's metrics for the history and the progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnist_jax import parallel, preprocessing
+from mnist_jax.config import VARIANTS, TrainConfig, Variant
+from mnist_jax.data import MNIST
+from mnist_jax.errors import ConfigError, TrainingDiverged
+from mnist_jax.model import MLP
+from mnist_jax.progress import ProgressBar
+from mnist_jax.train import (
+    DIVERGED_CROSS_ENTROPY,
+    EpochData,
+    EpochMetrics,
+    Hyperparams,
+    RunKeys,
+    TrainState,
+    create_train_state,
+    evaluate_stack,
+    optimizer,
+    steps_per_epoch,
+    train_epoch,
+)
+
+History = dict[str, list[float]]
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "cross_entropy", "penalty",
+                "val_cross_entropy")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Splits:
+    """Preprocessed host arrays: images (N, 784) float32 in [0, 1], labels (N, 10) one-hot."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def prepare(mnist: MNIST, validation_split: float = 0.3) -> Splits:
+    """Flatten, scale, one-hot, and hold out the last `validation_split` as Keras does."""
+    x = preprocessing.scale(preprocessing.flatten(mnist.train_images))
+    y = preprocessing.one_hot(mnist.train_labels)
+    (x_train, y_train), (x_val, y_val) = preprocessing.validation_split(x, y, validation_split)
+    return Splits(x_train, y_train, x_val, y_val,
+                  preprocessing.scale(preprocessing.flatten(mnist.test_images)),
+                  preprocessing.one_hot(mnist.test_labels))
+
+
+@dataclasses.dataclass(eq=False)
+class Stack:
+    """Models trained together: `state` leaves have leading axes (len(seeds), len(variants)).
+
+    `histories[variant.name][i]` is the Keras-style history of that variant with `seeds[i]`.
+    """
+
+    model: MLP
+    config: TrainConfig
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    state: TrainState
+    keys: RunKeys
+    histories: dict[str, list[History]]
+    epochs_done: int = 0
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def params(self, variant: str, seed_index: int = 0):
+        """The parameters of one model of the stack."""
+        v = [x.name for x in self.variants].index(variant)
+        return jax.tree.map(lambda a: a[seed_index, v], self.state.params)
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init_key, shuffle_key, dropout_key): one root key per seed, split by purpose."""
+    init_key, shuffle_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
+    return init_key, shuffle_key, dropout_key
+
+
+def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainConfig,
+               ) -> tuple[MLP, TrainState, RunKeys]:
+    """The model, a fresh (S, V) stack of states, and the per-seed keys."""
+    for variant in variants:
+        variant.validate(config.hidden)
+    model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants))
+    init = jax.jit(functools.partial(create_train_state, model=model, tx=tx_for(config),
+                                     learning_rate=config.learning_rate))
+    rows, shuffle_keys, dropout_keys = [], [], []
+    for seed in seeds:
+        init_key, shuffle_key, dropout_key = run_keys(seed)
+        rows.append([init(init_key, hparams=Hyperparams(
+            l2=jnp.asarray(v.l2_vector(config.hidden)),
+            dropout=jnp.asarray(v.dropout_vector(config.hidden)))) for v in variants])
+        shuffle_keys.append(shuffle_key)
+        dropout_keys.append(dropout_key)
+    state = jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(
+        (len(seeds), len(variants)) + leaves[0].shape), *[s for row in rows for s in row])
+    return model, state, RunKeys(jnp.stack(shuffle_keys), jnp.stack(dropout_keys))
+
+
+_train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
+                       static_argnames=("model", "tx", "batch_size", "eval_batch_size",
+                                        "batch_sharding"))
+
+
+def tx_for(config: TrainConfig) -> optax.GradientTransformation:
+    """The (cached) optimizer of a config: Adam with its b1, b2 and eps."""
+    return optimizer(config.b1, config.b2, config.eps)
+_evaluate_stack = jax.jit(evaluate_stack, static_argnames=("model", "batch_size"))
+
+
+def epoch_data(splits: Splits, mesh=None) -> EpochData:
+    """The training and validation arrays, placed on the device(s) once."""
+    return parallel.put(EpochData(splits.train_images, splits.train_labels, splits.val_images,
+                                  splits.val_labels), mesh)
+
+
+def _describe(metrics: EpochMetrics, stack: Stack) -> str:
+    """The progress bar's metrics: each variant's (seed-averaged) latest numbers."""
+    parts = []
+    one = len(stack.variants) == 1
+    for v, variant in enumerate(stack.variants):
+        acc, val_acc = metrics.accuracy[:, v].mean(), metrics.val_accuracy[:, v].mean()
+        loss, val_loss = metrics.loss[:, v].mean(), metrics.val_loss[:, v].mean()
+        if one:
+            parts.append(f"loss {loss:.4f} acc {acc:.4f} val_loss {val_loss:.4f} "
+                         f"val_acc {val_acc:.4f}")
+        else:
+            parts.append(f"{variant.name} {acc:.4f}/{val_acc:.4f}")
+    return ("" if one else "acc/val_acc ") + " | ".join(parts)
+
+
+def fit(stack: Stack, splits: Splits, *, progress: bool = True,
+        on_epoch_end: Callable[[Stack], None] | None = None) -> Stack:
+    """Trains the stack from `stack.epochs_done` to `config.epochs`, in place; returns it.
+
+    Raises TrainingDiverged (after `on_epoch_end` has seen every good epoch) when a model's
+    loss turns non-finite.
+    """
+    config = stack.config
+    mesh = parallel.data_mesh(config.data_parallel)
+    data = epoch_data(splits, mesh)
+    state = parallel.put(stack.state, mesh)
+    keys = parallel.put(stack.keys, mesh)
+    static = dict(model=stack.model, tx=tx_for(config), batch_size=config.batch_size,
+                  eval_batch_size=config.eval_batch_size,
+                  batch_sharding=parallel.batch_sharding(mesh))
+    epoch0 = jnp.asarray(stack.epochs_done, jnp.int32)
+    t0 = time.perf_counter()
+    compiled = _train_epoch.lower(state, keys, data, epoch0, **static).compile()
+    stack.compile_seconds += time.perf_counter() - t0
+
+    desc = stack.variants[0].name if len(stack.variants) == 1 else "epoch"
+    bar = ProgressBar(config.epochs, desc, enabled=progress, start=stack.epochs_done)
+    steps = steps_per_epoch(len(splits.train_images), config.batch_size)
+    try:
+        for epoch in range(stack.epochs_done, config.epochs):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, keys, data, jnp.asarray(epoch, jnp.int32))
+            metrics = EpochMetrics(*parallel.to_host(metrics))
+            stack.train_seconds += time.perf_counter() - t0
+            _check_finite(metrics, stack, epoch, steps)
+            stack.state = state
+            stack.epochs_done = epoch + 1
+            _append(stack, metrics)
+            bar.update(epoch + 1, _describe(metrics, stack))
+            if on_epoch_end is not None:
+                on_epoch_end(stack)
+    finally:
+        bar.close()
+    return stack
+
+
+def _check_finite(metrics: EpochMetrics, stack: Stack, epoch: int, steps: int) -> None:
+    bad = np.argwhere(metrics.bad_step >= 0)
+    if not len(bad):
+        return
+    s, v = bad[0]
+    step = int(metrics.bad_step[s, v]) + 1
+    loss = float(metrics.bad_loss[s, v])
+    what = (f"the loss became {loss}" if not np.isfinite(loss) else
+            f"the loss exploded to {loss:.3g} (cross-entropy above {DIVERGED_CROSS_ENTROPY:g})")
+    name = stack.variants[v].name
+    raise TrainingDiverged(
+        f"variant {name!r} (seed {stack.seeds[s]}) diverged: {what} at epoch {epoch + 1}, "
+        f"step {step} of {steps}; training stopped there and the last good checkpoint is "
+        f"kept. Lower the learning rate (--lr {stack.config.learning_rate:g}).",
+        variant=name, epoch=epoch + 1, step=step)
+
+
+def _append(stack: Stack, metrics: EpochMetrics) -> None:
+    has_val = stack.config.validation_split > 0
+    for v, variant in enumerate(stack.variants):
+        for s in range(len(stack.seeds)):
+            history = stack.histories[variant.name][s]
+            for key in HISTORY_KEYS:
+                if key.startswith("val_") and not has_val:
+                    continue
+                history.setdefault(key, []).append(float(getattr(metrics, key)[s, v]))
+
+
+def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainConfig,
+              n_train: int = 60000) -> Stack:
+    """A validated, freshly initialised stack, ready for `fit`."""
+    config.validate(n_train)
+    if len({v.name for v in variants}) != len(variants):
+        raise ConfigError("two variants share a name; names identify results")
+    model, state, keys = init_stack(variants, seeds, config)
+    histories = {v.name: [{} for _ in seeds] for v in variants}
+    return Stack(model, config, tuple(variants), tuple(seeds), state, keys, histories)
+
+
+def train_stack(data: MNIST | Splits, variants: Sequence[Variant], seeds: Sequence[int] = (0,),
+                config: TrainConfig = TrainConfig(), *, progress: bool = True) -> Stack:
+    """Trains len(seeds) x len(variants) models in one compiled program."""
+    splits = data if isinstance(data, Splits) else prepare(data, config.validation_split)
+    stack = new_stack(variants, seeds, config,
+                      len(splits.train_images) + len(splits.val_images))
+    return fit(stack, splits, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainResult:
+    """One trained model: its parameters, Keras-style history, full state and module."""
+
+    params: dict
+    history: History
+    state: TrainState
+    model: MLP
+    variant: Variant
+    seed: int
+
+
+def train(data: MNIST | Splits, variant: str | Variant = "baseline",
+          config: TrainConfig = TrainConfig(), *, seed: int = 0,
+          progress: bool = True) -> TrainResult:
+    """Trains one model (a 1 x 1 stack, compiled exactly as an unbatched model)."""
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        variant = VARIANTS[variant]
+    stack = train_stack(data, [variant], [seed], config, progress=progress)
+    state = jax.tree.map(lambda a: a[0, 0], stack.state)
+    return TrainResult(state.params, stack.histories[variant.name][0], state, stack.model,
+                       variant, seed)
+
+
+def evaluate(model: MLP, state: TrainState, images: np.ndarray, labels: np.ndarray, *,
+             batch_size: int = 2000) -> dict[str, float]:
+    """Loss (cross-entropy + L2 penalty, as Keras) and accuracy of one model on a data set."""
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None, None], state)
+    out = _evaluate_stack(stacked, jnp.asarray(images), jnp.asarray(labels), model=model,
+                          batch_size=batch_size)
+    return {k: float(v[0, 0]) for k, v in out.items()}
+
+
+def evaluate_models(stack: Stack, images: np.ndarray, labels: np.ndarray,
+                    ) -> dict[str, np.ndarray]:
+    """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V)."""
+    out = _evaluate_stack(stack.state, jnp.asarray(images), jnp.asarray(labels),
+                          model=stack.model, batch_size=stack.config.eval_batch_size)
+    return parallel.to_host(out)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict(model: MLP, params, images: jax.Array) -> jax.Array:
+    return jnp.argmax(model.apply({"params": params}, images), -1)
+
+
+def predict(model: MLP, params, images: np.ndarray, *, batch_size: int = 2000) -> np.ndarray:
+    """Predicted class of each image (N, 784), in inference mode, a chunk at a time."""
+    chunks = [_predict(model, params, jnp.asarray(images[i:i + batch_size]))
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate([np.asarray(c) for c in chunks])

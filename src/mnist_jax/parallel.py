@@ -1,0 +1,85 @@
+"""Data parallelism with JAX's own sharding: a Mesh with a 'data' axis, the batch split over
+it, gradients reduced by the compiler; several hosts through jax.distributed."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnist_jax.errors import ConfigError
+
+DATA_AXIS = "data"
+# Environment variables set by launchers that want `jax.distributed.initialize()`.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "MNIST_JAX_DISTRIBUTED")
+
+
+def initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when the launcher's environment asks for it.
+
+    `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`) or
+    `MNIST_JAX_DISTRIBUTED=1` (on TPU VMs and under SLURM, where JAX finds its peers itself).
+    Returns whether this is a multi-process run. Call before anything touches a device.
+    """
+    if not any(os.environ.get(name) for name in DISTRIBUTED_ENV):
+        return False
+    jax.distributed.initialize()
+    return jax.process_count() > 1
+
+
+def resolve_devices(requested: int | str) -> int:
+    """'all' -> every device (of all hosts); an integer must not exceed what exists."""
+    available = jax.device_count()
+    if requested == "all":
+        return available
+    n = int(requested)
+    if not 1 <= n <= available:
+        raise ConfigError(f"--data-parallel {n}: this run sees {available} device(s) "
+                          f"({jax.devices()[0].platform}); choose 1..{available} or 'all'")
+    return n
+
+
+def data_mesh(n_devices: int) -> Mesh | None:
+    """A 1-D mesh over the first `n_devices` devices, or None for plain single-device runs."""
+    if n_devices == 1 and jax.process_count() == 1:
+        return None
+    devices = np.array(jax.devices()[:n_devices])
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    """Sharding of a (S, B, features) batch: the batch axis split over the devices."""
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
+def put(tree: Any, mesh: Mesh | None) -> Any:
+    """Host arrays -> device arrays, once: replicated over `mesh`, or on the default device.
+
+    Every process passes the same values; each fills its own devices from them.
+    """
+    if mesh is None:
+        return jax.device_put(tree)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.is_fully_replicated and x.sharding == replicated:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, replicated)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays -> NumPy; replicated arrays are read from this process's first copy."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)

@@ -1,0 +1,160 @@
+"""Figures from plain arrays and histories. Each function returns a matplotlib Figure (shown
+inline by notebooks); `save` writes it as a PNG atomically. No pyplot, no global state."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from mnist_jax import files
+
+History = Mapping[str, Sequence[float]]
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+          "#7f7f7f")
+
+
+def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Writes `fig` as a PNG via a temporary file and rename."""
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def label_distribution(train_labels: np.ndarray, test_labels: np.ndarray) -> Figure:
+    """Counts of each digit in train and test, side by side, each bar labelled."""
+    fig = Figure(figsize=(10, 3.8))
+    for ax, labels, name, color in zip(fig.subplots(1, 2), (train_labels, test_labels),
+                                       ("train", "test"), COLORS[:2], strict=True):
+        counts = np.bincount(labels, minlength=10)
+        bars = ax.bar(np.arange(10), counts, color=color)
+        ax.bar_label(bars, fontsize=7)
+        ax.set(title=f"{name}: {len(labels):,} images", xlabel="digit", ylabel="count",
+               xticks=np.arange(10))
+        ax.set_ylim(0, counts.max() * 1.12)
+    fig.suptitle("Label distribution")
+    return fig
+
+
+def digit_grid(images: np.ndarray, labels: np.ndarray, *, titles: Sequence[str] | None = None,
+               rows: int = 5, cols: int = 5, title: str = "") -> Figure:
+    """The first rows * cols of `images` (N, 28, 28) in a grid, titled by label (or `titles`)."""
+    n = min(rows * cols, len(images))
+    fig = Figure(figsize=(1.5 * cols, 1.7 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+            ax.set_title(titles[i] if titles is not None else f"label {labels[i]}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def random_digits(images: np.ndarray, labels: np.ndarray, seed: int = 0, n: int = 25) -> Figure:
+    """`n` digits drawn without replacement by an explicitly seeded generator."""
+    idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
+    return digit_grid(images[idx], labels[idx], title=f"{n} random training digits (seed {seed})")
+
+
+def _band(ax, x, runs: np.ndarray, label: str, color: str, style: str = "-") -> None:
+    """Mean curve over runs (rows), with a +-1 standard deviation band when there are several."""
+    mean = runs.mean(axis=0)
+    ax.plot(x, mean, style, color=color, label=label)
+    if len(runs) > 1:
+        std = runs.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def history_curves(histories: History | Sequence[History], title: str = "") -> Figure:
+    """Loss and accuracy per epoch, train vs validation; several runs give mean and band."""
+    runs = [histories] if isinstance(histories, Mapping) else list(histories)
+    fig = Figure(figsize=(11, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        epochs = np.arange(1, len(runs[0][metric]) + 1)
+        _band(ax, epochs, np.array([r[metric] for r in runs]), "train", COLORS[0])
+        if f"val_{metric}" in runs[0]:
+            _band(ax, epochs, np.array([r[f"val_{metric}"] for r in runs]), "validation",
+                  COLORS[1], "--")
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    suffix = f" (mean and ±1 sd over {len(runs)} seeds)" if len(runs) > 1 else ""
+    fig.suptitle(title + suffix)
+    return fig
+
+
+def compare_variants(histories: Mapping[str, Sequence[History]],
+                     test_accuracy: Mapping[str, Sequence[float]]) -> Figure:
+    """Validation loss and accuracy of every variant overlaid, and test accuracy per variant
+    (mean over seeds, whiskers at ±1 sd, each seed a dot)."""
+    fig = Figure(figsize=(15, 4.2))
+    ax_loss, ax_acc, ax_test = fig.subplots(1, 3)
+    names = list(histories)
+    key = "val_{}" if "val_loss" in histories[names[0]][0] else "{}"
+    for i, name in enumerate(names):
+        runs = histories[name]
+        color = COLORS[i % len(COLORS)]
+        epochs = np.arange(1, len(runs[0]["loss"]) + 1)
+        _band(ax_loss, epochs, np.array([r[key.format("loss")] for r in runs]), name, color)
+        _band(ax_acc, epochs, np.array([r[key.format("accuracy")] for r in runs]), name, color)
+    which = "validation" if key.startswith("val") else "training"
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{which} loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{which} accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    means = [float(np.mean(test_accuracy[n])) for n in names]
+    several = all(len(test_accuracy[n]) > 1 for n in names)
+    stds = [float(np.std(test_accuracy[n], ddof=1)) for n in names] if several else None
+    bars = ax_test.bar(names, means, yerr=stds, capsize=4,
+                       color=[COLORS[i % len(COLORS)] for i in range(len(names))])
+    for i, n in enumerate(names):
+        if len(test_accuracy[n]) > 1:
+            ax_test.scatter(np.full(len(test_accuracy[n]), i), test_accuracy[n], s=10,
+                            color="black", zorder=3)
+    ax_test.bar_label(bars, labels=[f"{m:.2%}" for m in means], fontsize=8, padding=2)
+    low = min(min(test_accuracy[n]) for n in names)
+    ax_test.set_ylim(max(0.0, low - 0.01), 1.0)
+    ax_test.set(ylabel="test accuracy", title="test accuracy")
+    ax_test.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int = 10,
+                     ) -> np.ndarray:
+    """(num_classes, num_classes) counts: rows are true labels, columns predictions."""
+    return np.bincount(true * num_classes + predicted,
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def confusion(true: np.ndarray, predicted: np.ndarray, title: str = "") -> Figure:
+    """The confusion matrix as a heatmap with every count written in its cell."""
+    matrix = confusion_matrix(true, predicted)
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
+    im = ax.imshow(np.log1p(matrix), cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=title or f"confusion matrix (accuracy {np.trace(matrix) / matrix.sum():.2%})")
+    fig.colorbar(im, ax=ax, label="log(1 + count)")
+    return fig
+
+
+def misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
+                  title: str = "", n: int = 25) -> Figure:
+    """The first `n` misclassified test digits, titled 'true -> predicted'."""
+    wrong = np.flatnonzero(true != predicted)[:n]
+    titles = [f"{true[i]} → {predicted[i]}" for i in wrong]
+    cols = 5
+    rows = max(1, -(-len(wrong) // cols))
+    return digit_grid(images[wrong], true[wrong], titles=titles, rows=rows, cols=cols,
+                      title=title or f"misclassified: {int((true != predicted).sum())} of "
+                                     f"{len(true)} (first {len(wrong)} shown, true → predicted)")

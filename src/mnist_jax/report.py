@@ -1,0 +1,158 @@
+"""Results as files a person opens: report.md with the figures, metrics.json, CSV histories."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mnist_jax import files
+
+CSV_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "cross_entropy",
+               "penalty", "val_cross_entropy")
+# The original Keras study's single-run test results: (accuracy, loss).
+ORIGINAL = {"baseline": (0.980, 0.1009), "l2": (0.977, 0.1253), "dropout": (0.979, 0.0776),
+            "l2_dropout": (0.972, 0.2111)}
+
+
+def history_csv(history: Mapping[str, list[float]]) -> str:
+    """One row per epoch; columns absent from the history (no validation) are left out."""
+    columns = [c for c in CSV_COLUMNS if c == "epoch" or c in history]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for i in range(len(history["loss"])):
+        writer.writerow([i + 1] + [repr(float(history[c][i])) for c in columns[1:]])
+    return out.getvalue()
+
+
+def _pm(stats: Mapping[str, Any], fmt: str) -> str:
+    """'mean' or 'mean ± sd' with the given format (percent formats scale by 100)."""
+    mean = format(stats["mean"], fmt)
+    return mean if stats.get("std") is None else f"{mean} ± {format(stats['std'], fmt)}"
+
+
+def _layers(names) -> str:
+    return ", ".join(names) if names else "–"
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The report: results first, then whether the differences are real, then the figures,
+    then how the numbers were made."""
+    cfg, env, data = results["config"], results["environment"], results["data"]
+    variants = results["variants"]
+    seeds = cfg["seeds"]
+    several = len(seeds) > 1
+    best = results["best_variant"]
+    lines = [
+        f"# MNIST MLP study ({results['created']})",
+        "",
+        f"**Best variant: `{best}`**, test accuracy "
+        f"{_pm(variants[best]['stats']['test_accuracy'], '.2%')}"
+        + (f" over {len(seeds)} seeds" if several else f" (seed {seeds[0]})") + ". "
+        f"{len(variants) * len(seeds)} models of {results['model']['parameters']:,} parameters "
+        f"({results['model']['architecture']}) trained for {cfg['train']['epochs']} epochs at "
+        f"batch {cfg['train']['batch_size']} in one compiled program on "
+        f"{env['device']['count']} × {env['device']['kind']}: "
+        f"{results['timing']['train_seconds']:.1f} s of training after "
+        f"{results['timing']['compile_seconds']:.1f} s of compilation.",
+        "",
+        "## Results",
+        "",
+    ]
+    if several:
+        lines += [f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}.", ""]
+    header = ("| variant | L2 on | dropout after | train loss | train acc | val loss | val acc "
+              "| test loss | **test acc** | acc on all 60k train | original test acc (loss) |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, v in variants.items():
+        st = v["stats"]
+        recipe = v["variant"]
+        l2 = f"{_layers(recipe['l2_layers'])}" + (f" ({recipe['l2']:g})" if recipe["l2_layers"]
+                                                   else "")
+        drop = _layers(recipe["dropout_layers"]) + (
+            f" ({recipe['dropout']:g})" if recipe["dropout_layers"] else "")
+        val_loss = _pm(st["val_loss"], ".4f") if "val_loss" in st else "–"
+        val_acc = _pm(st["val_accuracy"], ".2%") if "val_accuracy" in st else "–"
+        original = (f"{ORIGINAL[name][0]:.1%} ({ORIGINAL[name][1]:.4f})" if name in ORIGINAL
+                    else "–")
+        lines.append(
+            f"| `{name}` | {l2} | {drop} | {_pm(st['loss'], '.4f')} | "
+            f"{_pm(st['accuracy'], '.2%')} | {val_loss} | {val_acc} | "
+            f"{_pm(st['test_loss'], '.4f')} | **{_pm(st['test_accuracy'], '.2%')}** | "
+            f"{_pm(st['train_full_accuracy'], '.2%')} | {original} |")
+    lines += [
+        "",
+        "Train and validation columns are the last epoch's; train metrics are averaged over "
+        "the epoch with dropout active, as Keras reports them. Losses include the L2 penalty, "
+        "as Keras's do. The original study's column is one Keras run.",
+        "",
+        "## Are the differences real?",
+        "",
+    ]
+    if several:
+        lines += [
+            "Variants with the same seed share initial weights, batch order and dropout noise, "
+            "so each difference is measured seed by seed; the interval is a 95% Student-t "
+            "interval on the per-seed differences in test accuracy.",
+            "",
+            "| comparison | mean difference | 95% interval | real? |",
+            "|---|---|---|---|",
+        ]
+        for c in results["comparisons"]:
+            verdict = "yes" if c["significant"] else "not shown"
+            lines.append(f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3%} | "
+                         f"[{c['ci95_low']:+.3%}, {c['ci95_high']:+.3%}] | {verdict} |")
+    else:
+        lines.append("One seed gives one number per variant and no way to tell a real "
+                     "difference from noise: rerun with `--seeds 0,1,2,3,4` for intervals.")
+    lines += ["", "## Figures", ""]
+    for title, key in (("Comparison of the variants", "comparison"),
+                       ("Label distribution", "label_distribution"),
+                       ("Random training digits", "digits")):
+        if key in results["figures"]:
+            lines += [f"### {title}", "", f"![{title}]({results['figures'][key]})", ""]
+    for name in variants:
+        key = f"curves_{name}"
+        if key in results["figures"]:
+            lines += [f"### `{name}`: loss and accuracy per epoch", "",
+                      f"![{name} curves]({results['figures'][key]})", ""]
+    for title, key in ((f"Confusion matrix of `{best}` (test set)", "confusion"),
+                       (f"Misclassified test digits of `{best}`", "misclassified")):
+        if key in results["figures"]:
+            lines += [f"### {title}", "", f"![{title}]({results['figures'][key]})", ""]
+    train = cfg["train"]
+    lines += [
+        "## How these numbers were made",
+        "",
+        f"- Data: MNIST from `{data['source']}` (cached from `{data['origin']}`), every file "
+        "checked against its canonical SHA-256; "
+        f"{data['train']:,} training, {data['validation']:,} validation (the last "
+        f"{train['validation_split']:.0%} of the training set, as Keras's `validation_split`), "
+        f"{data['test']:,} test images.",
+        f"- Optimiser: Adam, learning rate {train['learning_rate']:g}, b1 {train['b1']:g}, "
+        f"b2 {train['b2']:g}, eps {train['eps']:g}; batch {train['batch_size']}, partial last "
+        f"batch kept; a fresh shuffle every epoch.",
+        f"- Software: Python {env['python']}, jax {env['versions'].get('jax')}, flax "
+        f"{env['versions'].get('flax')}, optax {env['versions'].get('optax')}; "
+        f"backend {env['device']['platform']}.",
+        "- Files: `metrics.json` (everything here and more), `history_*.csv` (one row per "
+        "epoch), `figures/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(out_dir: str | os.PathLike, results: Mapping[str, Any]) -> None:
+    """metrics.json, one CSV history per model and report.md, each written atomically."""
+    out = Path(out_dir)
+    seeds = results["config"]["seeds"]
+    for name, v in results["variants"].items():
+        for run in v["runs"]:
+            suffix = f"_seed{run['seed']}" if len(seeds) > 1 else ""
+            files.write_text(out / f"history_{name}{suffix}.csv", history_csv(run["history"]))
+    files.write_json(out / "metrics.json", results)
+    files.write_text(out / "report.md", render_markdown(results))

@@ -1,0 +1,283 @@
+"""Training with Keras `fit` semantics, compiled: a pure train step, a whole epoch on device.
+
+Shapes: a *stack* of models has leading axes (S, V) on every leaf of its TrainState: S seeds,
+V variants. Models that share a seed share their initial weights, batch order and dropout
+noise, and differ only in their hyperparameters (common random numbers: the fairest paired
+comparison, and the batch is then shared, so the first layer of all V models is one matmul).
+The hyperparameters (L2 coefficients, dropout rates, learning rate) are traced values in the
+state, so every variant runs the same compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from mnist_jax.model import MLP, dense_names
+
+Params = Any
+# A step diverged when its loss is non-finite or its cross-entropy exceeds this: a uniform
+# guess scores ln(10) = 2.3 and a confidently wrong sane model a few dozen, so a value like
+# this means logits of that size, a blown-up network (Adam at a huge learning rate rarely
+# reaches inf in float32, it saturates at losses of 1e11 instead).
+DIVERGED_CROSS_ENTROPY = 1e4
+
+
+class Hyperparams(struct.PyTreeNode):
+    l2: jax.Array  # (n_dense,) float32: coefficient on sum(W**2) of each Dense kernel
+    dropout: jax.Array  # (n_hidden,) float32: dropout rate after each hidden layer
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # () int32: optimizer steps taken
+    params: Params
+    opt_state: optax.OptState
+    hparams: Hyperparams
+
+
+class Batch(NamedTuple):
+    images: jax.Array  # (B, 784) float32 in [0, 1]
+    labels: jax.Array  # (B, 10) float32 one-hot
+    weights: jax.Array  # (B,) float32: 1 for real samples, 0 for padding
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array  # cross_entropy + penalty
+    cross_entropy: jax.Array  # mean over the batch's real samples
+    penalty: jax.Array  # L2 term at this step
+    accuracy: jax.Array
+    count: jax.Array  # real samples in the batch
+
+
+class RunKeys(NamedTuple):
+    shuffle: jax.Array  # key per seed: batch order, fold_in(epoch)
+    dropout: jax.Array  # key per seed: dropout masks, fold_in(global step)
+
+
+class EpochData(NamedTuple):
+    train_images: jax.Array  # (N, 784) float32, on device once
+    train_labels: jax.Array  # (N, 10) float32
+    val_images: jax.Array  # (M, 784); M may be 0
+    val_labels: jax.Array  # (M, 10)
+
+
+class EpochMetrics(NamedTuple):
+    """Per model, shape (S, V): the Keras history entries of one epoch."""
+
+    loss: jax.Array
+    cross_entropy: jax.Array
+    penalty: jax.Array  # mean over the epoch's samples, so loss = cross_entropy + penalty
+    accuracy: jax.Array
+    val_loss: jax.Array
+    val_cross_entropy: jax.Array
+    val_accuracy: jax.Array
+    bad_step: jax.Array  # int32: first step of the epoch that diverged, else -1
+    bad_loss: jax.Array  # the loss at that step
+
+
+@functools.cache
+def optimizer(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
+              ) -> optax.GradientTransformation:
+    """Adam with its learning rate in the state (optax.inject_hyperparams), so every learning
+    rate shares one compiled program; cached, so equal settings give the same object.
+
+    optax's Adam adds eps to the bias-corrected sqrt(v), Keras's to the uncorrected one; with
+    eps = 1e-7 the two differ negligibly.
+    """
+    adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
+    return adam(learning_rate=1e-3, b1=b1, b2=b2, eps=eps)
+
+
+def create_train_state(init_key: jax.Array, model: MLP, tx: optax.GradientTransformation,
+                       hparams: Hyperparams, *, learning_rate: float = 1e-3,
+                       input_dim: int = 784) -> TrainState:
+    """Fresh parameters from `init_key`; optimizer state with the given learning rate."""
+    params = model.init(init_key, jnp.zeros((1, input_dim), jnp.float32))["params"]
+    opt_state = tx.init(params)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      hparams=hparams)
+
+
+def l2_penalty(params: Params, coefs: jax.Array, hidden: tuple[int, ...]) -> jax.Array:
+    """sum_i coefs[i] * sum(W_i ** 2) over the Dense kernels in order; biases never count.
+
+    This is Keras's `kernel_regularizer=l2(c)`: a term in the loss, so under Adam it is
+    rescaled with the gradient (unlike AdamW's decoupled weight decay).
+    """
+    terms = [coefs[i] * jnp.sum(jnp.square(params[name]["kernel"]))
+             for i, name in enumerate(dense_names(hidden))]
+    return functools.reduce(jnp.add, terms)
+
+
+def loss_fn(params: Params, hparams: Hyperparams, batch: Batch, dropout_key: jax.Array | None,
+            *, model: MLP, train: bool) -> tuple[jax.Array, StepMetrics]:
+    """Mean softmax cross-entropy over the batch's real samples plus the L2 penalty."""
+    rngs = {"dropout": dropout_key} if train and model.dropout else None
+    logits = model.apply({"params": params}, batch.images, hparams.dropout, train=train,
+                         rngs=rngs)
+    count = jnp.sum(batch.weights)
+    ce = jnp.sum(optax.softmax_cross_entropy(logits, batch.labels) * batch.weights) / count
+    correct = jnp.argmax(logits, -1) == jnp.argmax(batch.labels, -1)
+    accuracy = jnp.sum(correct.astype(jnp.float32) * batch.weights) / count
+    penalty = l2_penalty(params, hparams.l2, model.hidden)
+    loss = ce + penalty
+    return loss, StepMetrics(loss, ce, penalty, accuracy, count)
+
+
+def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model: MLP,
+               tx: optax.GradientTransformation) -> tuple[TrainState, StepMetrics]:
+    """One Adam step on one batch: pure, jittable; `dropout_key` is used only with dropout."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, state.hparams, batch, dropout_key,
+                                  model=model, train=True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Params, hparams: Hyperparams, batch: Batch, *, model: MLP,
+              ) -> StepMetrics:
+    """Metrics of one batch in inference mode (no dropout, no gradients)."""
+    return loss_fn(params, hparams, batch, None, model=model, train=False)[1]
+
+
+# --- stacks of models ------------------------------------------------------------------------
+
+def over_models(fn: Callable, size: int, in_axes: tuple) -> Callable:
+    """`jax.vmap(fn, in_axes)` over a models axis; for one model, squeeze instead of vmap so a
+    lone model compiles to exactly the program of an unbatched call."""
+    if size > 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def single(*args):
+        args = [a if ax is None else jax.tree.map(lambda leaf: leaf[0], a)
+                for a, ax in zip(args, in_axes, strict=True)]
+        return jax.tree.map(lambda leaf: leaf[None], fn(*args))
+
+    return single
+
+
+def stack_shape(state: TrainState) -> tuple[int, int]:
+    """(S, V): the seeds and variants axes of a stacked state."""
+    return tuple(state.step.shape)  # type: ignore[return-value]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Keras keeps the final partial batch: ceil(n / batch_size) steps."""
+    return math.ceil(n / batch_size)
+
+
+def epoch_batches(shuffle_key: jax.Array, epoch: jax.Array, n: int, batch_size: int,
+                  ) -> tuple[jax.Array, jax.Array]:
+    """A fresh permutation of 0..n-1 in (steps, B) batches, and (steps, B) sample weights.
+
+    The last batch is padded with index 0 at weight 0, so every step has the same shape and
+    the padded rows change neither the loss nor the gradient.
+    """
+    steps = steps_per_epoch(n, batch_size)
+    perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n).astype(jnp.int32)
+    pad = steps * batch_size - n
+    idx = jnp.concatenate([perm, jnp.zeros((pad,), jnp.int32)])
+    weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
+    return idx.reshape(steps, batch_size), weights.reshape(steps, batch_size)
+
+
+def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
+                    batch_size: int) -> dict[str, jax.Array]:
+    """Loss (cross-entropy + penalty, as Keras's `evaluate`) and accuracy of one model."""
+    n = images.shape[0]
+    steps = steps_per_epoch(n, batch_size)
+    pad = steps * batch_size - n
+    images = jnp.pad(images, ((0, pad), (0, 0))).reshape(steps, batch_size, -1)
+    labels = jnp.pad(labels, ((0, pad), (0, 0))).reshape(steps, batch_size, -1)
+    weights = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, -1)
+
+    def chunk(sums, batch):
+        m = eval_step(state.params, state.hparams, Batch(*batch), model=model)
+        return (sums[0] + m.cross_entropy * m.count, sums[1] + m.accuracy * m.count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (ce_sum, correct), _ = jax.lax.scan(chunk, (zero, zero), (images, labels, weights))
+    penalty = l2_penalty(state.params, state.hparams.l2, model.hidden)
+    ce = ce_sum / n
+    return {"loss": ce + penalty, "cross_entropy": ce, "penalty": penalty,
+            "accuracy": correct / n}
+
+
+def evaluate_stack(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
+                   batch_size: int) -> dict[str, jax.Array]:
+    """`evaluate_arrays` for every model of a (S, V) stack; values of shape (S, V)."""
+    s, v = stack_shape(state)
+    fn = functools.partial(evaluate_arrays, model=model, batch_size=batch_size)
+    per_seed = over_models(fn, v, (0, None, None))
+    return over_models(per_seed, s, (0, None, None))(state, images, labels)
+
+
+def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Array, *,
+                model: MLP, tx: optax.GradientTransformation, batch_size: int,
+                eval_batch_size: int,
+                batch_sharding: jax.sharding.Sharding | None = None,
+                ) -> tuple[TrainState, EpochMetrics]:
+    """One epoch of every model in the (S, V) stack, then validation, in one program.
+
+    Each seed draws a fresh permutation of the training set (fold_in(shuffle key, epoch)),
+    every sample is visited once, the last partial batch included. A model whose loss turns
+    non-finite (or explodes, see DIVERGED_CROSS_ENTROPY) stops the loop at that step; the
+    host reports it from `bad_step` and `bad_loss`.
+    """
+    s, v = stack_shape(state)
+    n = data.train_images.shape[0]
+    steps = steps_per_epoch(n, batch_size)
+    idx, weights = over_models(
+        lambda key: epoch_batches(key, epoch, n, batch_size), s, (0,))(keys.shuffle)
+    weights = weights[0]  # the padding sits at the same place for every seed
+    first_step = epoch * steps
+
+    def seed_step(state_v, images, labels, w, key):
+        step = functools.partial(train_step, model=model, tx=tx)
+        return over_models(step, v, (0, None, None))(state_v, Batch(images, labels, w), key)
+
+    def body(carry):
+        i, state, sums, bad, bad_loss = carry
+        batch_idx = idx[:, i]  # (S, B)
+        images = data.train_images[batch_idx]
+        labels = data.train_labels[batch_idx]
+        if batch_sharding is not None:
+            images = jax.lax.with_sharding_constraint(images, batch_sharding)
+            labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys.dropout, first_step + i)
+        state, m = over_models(seed_step, s, (0, 0, 0, None, 0))(
+            state, images, labels, weights[i], step_keys)
+        ok = jnp.isfinite(m.loss) & (m.cross_entropy < DIVERGED_CROSS_ENTROPY)
+        newly = (bad < 0) & ~ok
+        bad = jnp.where(newly, i, bad)
+        bad_loss = jnp.where(newly, m.loss, bad_loss)
+        sums = (sums[0] + m.loss * m.count, sums[1] + m.cross_entropy * m.count,
+                sums[2] + m.penalty * m.count, sums[3] + m.accuracy * m.count)
+        return i + 1, state, sums, bad, bad_loss
+
+    def cond(carry):
+        i, _, _, bad, _ = carry
+        return (i < steps) & jnp.all(bad < 0)
+
+    zeros = jnp.zeros((s, v), jnp.float32)
+    init = (jnp.zeros((), jnp.int32), state, (zeros, zeros, zeros, zeros),
+            jnp.full((s, v), -1, jnp.int32), zeros)
+    _, state, (loss, ce, penalty, acc), bad, bad_loss = jax.lax.while_loop(cond, body, init)
+
+    if data.val_images.shape[0]:
+        val = evaluate_stack(state, data.val_images, data.val_labels, model=model,
+                             batch_size=eval_batch_size)
+    else:
+        nan = jnp.full((s, v), jnp.nan, jnp.float32)
+        val = {"loss": nan, "cross_entropy": nan, "accuracy": nan}
+    return state, EpochMetrics(loss / n, ce / n, penalty / n, acc / n, val["loss"],
+                               val["cross_entropy"], val["accuracy"], bad, bad_loss)

