@@ -19,12 +19,12 @@ _EXPORTS = {
     "MLP": "mnist_jax.model", "summary": "mnist_jax.model",
     "prepare": "mnist_jax.fit", "Splits": "mnist_jax.fit", "train": "mnist_jax.fit",
     "train_stack": "mnist_jax.fit", "evaluate": "mnist_jax.fit", "predict": "mnist_jax.fit",
-    "train_step": "mnist_jax.train", "create_train_state": "mnist_jax.train",
+    "train_step": "mnist_jax.steps", "create_train_state": "mnist_jax.steps",
     "ExperimentConfig": "mnist_jax.experiment",
     "train_and_evaluate": "mnist_jax.experiment",
     "enable_compilation_cache": "mnist_jax.runtime",
 }
-_MODULES = ("data", "preprocessing", "config", "model", "train", "fit", "plots", "report",
+_MODULES = ("data", "preprocessing", "config", "model", "steps", "fit", "plots", "report",
             "experiment", "checkpoint", "parallel", "stats", "runtime")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

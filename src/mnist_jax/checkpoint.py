@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 
 from mnist_jax import fit
 from mnist_jax.errors import ConfigError
-from mnist_jax.train import RunKeys
+from mnist_jax.steps import RunKeys
 
 log = logging.getLogger(__name__)
 KEEP = 2  # the newest two, in case the newest is lost with its disk

@@ -23,7 +23,7 @@ from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, TrainingDiverged
 from mnist_jax.model import MLP
 from mnist_jax.progress import ProgressBar
-from mnist_jax.train import (
+from mnist_jax.steps import (
     DIVERGED_CROSS_ENTROPY,
     EpochData,
     EpochMetrics,

@@ -12,7 +12,7 @@ from mnist_jax import fit
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import TrainingDiverged
 from mnist_jax.model import MLP
-from mnist_jax.train import (
+from mnist_jax.steps import (
     Batch,
     Hyperparams,
     create_train_state,
