@@ -129,6 +129,23 @@ def _fetchers(data_dir: Path | None, mirrors: tuple[str, ...],
     }
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The cache directory to use; an explicit `data_dir` must be a readable directory."""
+    if data_dir is None:
+        return default_cache_dir()
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data directory {path} is not a directory; pass a directory to "
+                        "--data-dir")
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist; create it, or leave "
+                        f"--data-dir out to use the default cache {default_cache_dir()}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"data directory {path} is not readable; fix its permissions or "
+                        "choose another --data-dir")
+    return path
+
+
 def load_mnist(data_dir: str | os.PathLike | None = None, source: Source = "auto", *,
                verify: Verify = "quick",
                mirrors: tuple[str, ...] = sources.HTTP_MIRRORS) -> MNIST:
@@ -149,19 +166,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, source: Source = "auto
         raise DataError(f"unknown source {source!r}; choose one of auto, {', '.join(SOURCES)}")
     if verify not in ("quick", "full"):
         raise DataError(f"unknown verify mode {verify!r}; choose 'quick' or 'full'")
-    if data_dir is not None:
-        cache_dir = Path(data_dir).expanduser()
-        if cache_dir.exists() and not cache_dir.is_dir():
-            raise DataError(f"data directory {cache_dir} is not a directory; pass a directory "
-                            "to --data-dir")
-        if not cache_dir.is_dir():
-            raise DataError(f"data directory {cache_dir} does not exist; create it, or leave "
-                            f"--data-dir out to use the default cache {default_cache_dir()}")
-        if not os.access(cache_dir, os.R_OK | os.X_OK):
-            raise DataError(f"data directory {cache_dir} is not readable; fix its permissions "
-                            "or choose another --data-dir")
-    else:
-        cache_dir = default_cache_dir()
+    cache_dir = check_data_dir(data_dir)
 
     attempts: list[str] = []
     if source in ("auto", "cache"):

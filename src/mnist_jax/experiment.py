@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import shutil
 import signal
 import threading
@@ -44,6 +45,11 @@ class ExperimentConfig:
 
     def validate(self, n_train: int = 60000) -> None:
         """Every setting, before any work starts; raises ConfigError naming the flag."""
+        if not (isinstance(self.l2, int | float) and math.isfinite(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"--l2 {self.l2!r} must be a finite number >= 0")
+        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"--dropout {self.dropout!r} must lie in [0, 1): it is the "
+                              "fraction of units dropped")
         self.resolve()
         self.train.validate(n_train)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
@@ -297,9 +303,10 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     checkpoint kept) and Interrupted (after checkpointing) otherwise.
     """
     from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
-    from mnist_jax.data import load_mnist
+    from mnist_jax.data import check_data_dir, load_mnist
 
     config.validate()
+    check_data_dir(data_dir)
     out = prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite)
     mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")

@@ -151,8 +151,9 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
         on_epoch_end: Callable[[Stack], None] | None = None) -> Stack:
     """Trains the stack from `stack.epochs_done` to `config.epochs`, in place; returns it.
 
-    Raises TrainingDiverged (after `on_epoch_end` has seen every good epoch) when a model's
-    loss turns non-finite.
+    `on_epoch_end(stack)` runs after every epoch (checkpoints, interruption); it may replace
+    `stack.state`. Raises TrainingDiverged, after `on_epoch_end` has seen every good epoch,
+    when a model's loss turns non-finite or explodes.
     """
     config = stack.config
     mesh = parallel.data_mesh(config.data_parallel)
@@ -182,7 +183,8 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
             _append(stack, metrics)
             bar.update(epoch + 1, _describe(metrics, stack))
             if on_epoch_end is not None:
-                on_epoch_end(stack)
+                on_epoch_end(stack)  # it may replace stack.state (a schedule, say)
+                state = parallel.put(stack.state, mesh)
     finally:
         bar.close()
     return stack

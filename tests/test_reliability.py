@@ -1,0 +1,242 @@
+"""Reliability: exact resume after SIGKILL and Ctrl-C, the divergence guard, validation of
+every setting before any work, and writes that never leave half a file."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mnist_jax import checkpoint, files, fit
+from mnist_jax.config import VARIANTS, TrainConfig
+
+from conftest import cli_env
+from test_cli import run_cli
+
+ARGS = ("train", "--variant", "dropout", "--epochs", 4)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {"MNIST_JAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("xla-cache"))}
+
+
+@pytest.fixture(scope="module")
+def reference(mnist, tmp_path_factory, env):
+    """The same run, never interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_cli(*ARGS, "--out", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
+    return out
+
+
+def start(out, mnist, env):
+    return subprocess.Popen([sys.executable, "-m", "mnist_jax.cli", *map(str, ARGS), "--out",
+                             str(out), "--data-dir", str(mnist.cache_dir), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(**env))
+
+
+def wait_for_checkpoint(out, epoch, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoints" / str(epoch)).is_dir():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+def final_arrays(out):
+    """The arrays of the newest checkpoint, restored as they were saved."""
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    restored = ocp.StandardCheckpointer().restore(
+        (out / "checkpoints" / str(steps[-1]) / "arrays").absolute())
+    return steps[-1], restored
+
+
+def assert_same_run(out, reference):
+    step, arrays = final_arrays(out)
+    ref_step, ref_arrays = final_arrays(reference)
+    assert step == ref_step == 4
+    flat, ref_flat = (sorted(ocp.tree.to_flat_dict(a).items()) for a in (arrays, ref_arrays))
+    assert [k for k, _ in flat] == [k for k, _ in ref_flat]
+    for (key, a), (_, b) in zip(flat, ref_flat, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(key))
+    metrics, ref = (json.loads((d / "metrics.json").read_text())["variants"]["dropout"]
+                    for d in (out, reference))
+    assert metrics["history"] == ref["history"]  # bitwise: floats compared exactly
+    assert metrics["test"] == ref["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [0, 1, 3])
+def test_sigkill_then_resume_is_bitwise_identical(mnist, tmp_path, env, reference, kill_after):
+    out = tmp_path / "run"
+    process = start(out, mnist, env)
+    if kill_after:
+        wait_for_checkpoint(out, kill_after, process)
+    else:
+        while not (out / "run.json").exists():  # killed before its first checkpoint
+            time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    done = run_cli("train", "--resume", out, "--data-dir", mnist.cache_dir, **env)
+    assert "resuming after epoch" in done.stderr or "starting from epoch 1" in done.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_explains_and_resumes(mnist, tmp_path, env, reference):
+    out = tmp_path / "run"
+    process = start(out, mnist, env)
+    wait_for_checkpoint(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"resume with: mnist-jax experiment --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < 4
+    assert (out / "checkpoints" / str(record["epochs_done"])).is_dir()
+    run_cli("experiment", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
+    assert_same_run(out, reference)
+
+
+def test_divergence_exits_non_zero_and_keeps_nothing_bad(mnist, tmp_path, env):
+    out = tmp_path / "run"
+    done = run_cli("experiment", "--lr", "1e3", "--epochs", 2, "--out", out, "--data-dir",
+                   mnist.cache_dir, check=False, **env)
+    assert done.returncode == 3, done.stderr
+    assert "diverged" in done.stderr and "epoch 1, step" in done.stderr
+    assert "variant 'baseline'" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert not (out / "metrics.json").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(splits, tmp_path):
+    small = fit.Splits(splits.train_images[:1000], splits.train_labels[:1000],
+                       splits.val_images[:300], splits.val_labels[:300],
+                       splits.test_images[:10], splits.test_labels[:10])
+    stack = fit.new_stack([VARIANTS["l2"]], (0,), TrainConfig(epochs=3), n_train=1300)
+    mgr = checkpoint.manager(tmp_path / "ckpt")
+    saved = []
+
+    def save(s):
+        checkpoint.save(mgr, s)
+        saved.append(s.epochs_done)
+        # The learning rate is a traced value in the state: raise it after the first epoch.
+        opt = s.state.opt_state
+        hyper = {**opt.hyperparams, "learning_rate": opt.hyperparams["learning_rate"] * 1e6}
+        s.state = s.state.replace(opt_state=opt._replace(hyperparams=hyper))
+
+    with pytest.raises(fit.TrainingDiverged) as info:
+        fit.fit(stack, small, progress=False, on_epoch_end=save)
+    assert info.value.epoch == 2 and saved == [1]
+    fresh = fit.new_stack([VARIANTS["l2"]], (0,), TrainConfig(epochs=3), n_train=1300)
+    restored = checkpoint.restore(mgr, fresh)
+    assert restored.epochs_done == 1 and len(restored.histories["l2"][0]["loss"]) == 1
+    lr = restored.state.opt_state.hyperparams["learning_rate"][0, 0]
+    assert lr == np.float32(1e-3)
+    mgr.close()
+
+
+BAD_SETTINGS = [
+    (("--dropout", "1.5"), "--dropout 1.5 must lie in [0, 1)"),
+    (("--dropout", "-0.1"), "--dropout -0.1 must lie in [0, 1)"),
+    (("--l2", "-0.001"), "--l2 -0.001 must be a finite number >= 0"),
+    (("--l2", "-1", "--variants", "baseline"), "--l2 -1.0 must be a finite number >= 0"),
+    (("--batch-size", "0"), "--batch-size 0 must be an integer between 1 and 42000"),
+    (("--batch-size", "60000"), "--batch-size 60000 must be an integer between 1 and 42000"),
+    (("--epochs", "0"), "--epochs 0 must be an integer >= 1"),
+    (("--validation-split", "1.0"), "--validation-split 1.0 must lie in [0, 1)"),
+    (("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
+    (("--lr", "nan"), "--lr nan must be a finite number >= 0"),
+    (("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline, l2"),
+    (("--variants", "l2,l2"), "--variants lists a variant twice"),
+    (("--seeds", "0,x"), "--seeds '0,x' must be integers"),
+    (("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
+    (("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
+    (("--data-parallel", "2"), "--data-parallel 2: this run sees 1 device(s)"),
+    (("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
+    (("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not exist"),
+    (("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run there"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_settings_fail_at_once_with_the_flag_and_range(tmp_path, args, message):
+    out = tmp_path / "out"
+    extra = () if "--resume" in args else ("--out", out)
+    done = run_cli("experiment", *args, *extra, check=False, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert done.stderr.startswith("mnist-jax: error: ") and "Traceback" not in done.stderr
+    assert not out.exists(), "work started before the settings were checked"
+
+
+def test_an_existing_run_is_never_overwritten_by_accident(mnist, tmp_path, env):
+    out = tmp_path / "run"
+    common = ("--epochs", 1, "--out", out, "--data-dir", mnist.cache_dir, "--quiet")
+    run_cli("train", "--variant", "baseline", *common, **env)
+    before = (out / "metrics.json").read_bytes()
+    done = run_cli("experiment", *common, check=False, **env)
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    assert "--overwrite" in done.stderr and (out / "metrics.json").read_bytes() == before
+    run_cli("train", "--variant", "l2", *common, "--overwrite", **env)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["variants"]) == ["l2"]
+    assert not (out / "history_baseline.csv").exists()
+
+
+def test_resume_refuses_other_settings(mnist, tmp_path, env):
+    out = tmp_path / "run"
+    run_cli("train", "--variant", "baseline", "--epochs", 1, "--out", out, "--data-dir",
+            mnist.cache_dir, "--quiet", **env)
+    done = run_cli("experiment", "--resume", out, "--epochs", 2, check=False)
+    assert done.returncode == 2 and "--epochs 2 differs from the resumed run's 1" in done.stderr
+
+
+WRITER = """
+import sys
+from mnist_jax import files
+path, size = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    files.write_bytes(path, bytes([i % 256]) * size)
+"""
+
+
+def test_a_killed_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "metrics.json"
+    size = 20_000_000
+    files.write_bytes(path, b"\x00" * size)
+    for delay in (0.05, 0.13, 0.31):
+        with subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size)],
+                              stdout=subprocess.PIPE, text=True, env=cli_env()) as writer:
+            assert writer.stdout.readline().strip() == "ready"
+            time.sleep(delay)
+            writer.send_signal(signal.SIGKILL)
+        content = path.read_bytes()
+        assert len(content) == size and content == content[:1] * size, "half-written file"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [path.name]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    files.write_text(path, "old")
+
+    def fail(*args):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="no space"):
+        files.write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
