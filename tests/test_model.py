@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax.model import MLP, Dropout, count_params, dense_names, summary
+from mnist_jax.model import MLP, Dropout, count_params, dense_names, random_bits, summary
 
 
 def numpy_forward(params, x):
@@ -59,14 +59,15 @@ def test_dropout_is_off_at_evaluation_and_on_in_training(params, splits):
     np.testing.assert_array_equal(zero_rates, evaluated)
 
 
-def dropout(x, rate, key):
-    return Dropout().apply({}, x, jnp.float32(rate), rngs={"dropout": key})
+def dropout(x, rate, key, rng="hash"):
+    return Dropout(rng=rng).apply({}, x, jnp.float32(rate), rngs={"dropout": key})
 
 
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
 @pytest.mark.parametrize("rate", [0.1, 0.45, 0.9])
-def test_dropout_keep_rate_and_scaling(rate):
+def test_dropout_keep_rate_and_scaling(rate, rng):
     x = jnp.ones((512, 256), jnp.float32)
-    y = np.asarray(dropout(x, rate, jax.random.key(3)))
+    y = np.asarray(dropout(x, rate, jax.random.key(3), rng))
     kept = y != 0
     n = kept.size
     # The kept fraction is binomial(n, 1 - rate): within 5 standard deviations.
@@ -82,6 +83,36 @@ def test_dropout_keys():
     np.testing.assert_array_equal(a, b)
     assert (np.asarray(a) != np.asarray(c)).mean() > 0.3
     np.testing.assert_array_equal(dropout(x, 0.0, jax.random.key(7)), x)
+
+
+def test_hash_bits_look_random():
+    """Each bit is a fair coin, and masks of different keys, neighbouring units and the two
+    layers are uncorrelated (all within 5 standard errors)."""
+    key = jax.random.key(11)
+    bits = np.asarray(random_bits(key, (2, 128, 256)))
+    n = bits[0].size
+    for b in range(32):
+        assert abs(((bits >> b) & 1).mean() - 0.5) < 5 * 0.5 / np.sqrt(bits.size), b
+    keep = (bits >= np.uint32(0.45 * 2**32)).astype(np.float64)
+    other = (np.asarray(random_bits(jax.random.fold_in(key, 1), (2, 128, 256)))
+             >= np.uint32(0.45 * 2**32)).astype(np.float64)
+
+    def corr(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    bound = 5 / np.sqrt(n)
+    assert abs(corr(keep[0], other[0])) < bound  # next step
+    assert abs(corr(keep[0], keep[1])) < bound  # the other layer
+    assert abs(corr(keep[0][:, 1:], keep[0][:, :-1])) < bound  # neighbouring units
+    assert abs(corr(keep[0][1:], keep[0][:-1])) < bound  # neighbouring samples
+
+
+def test_threefry_bits_are_jax_random_bits():
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(random_bits(key, (4, 8), "threefry"),
+                                  jax.random.bits(key, (4, 8), jnp.uint32))
+    with pytest.raises(ValueError, match="unknown dropout generator"):
+        random_bits(key, (4,), "mt19937")
 
 
 def test_summary_table():

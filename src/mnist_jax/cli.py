@@ -43,6 +43,11 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     g.add_argument("--eval-batch-size", type=int, help="evaluation chunk (default 2000)")
     g.add_argument("--data-parallel", default=None, metavar="N|all",
                    help="split each batch over N devices (default 1)")
+    g.add_argument("--schedule", choices=("auto", "stack", "sequential"), default=None,
+                   help="run the models vmapped in one step (stack) or one after another "
+                        "with the same program (default auto: sequential on CPU)")
+    g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
+                   help="generator of the dropout masks (default hash: keyed counter hash)")
     r = parser.add_argument_group("output")
     r.add_argument("--out", type=Path, default=None,
                    help="run directory (default runs/<timestamp>)")
@@ -147,7 +152,8 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
             data_parallel if data_parallel == "all" else _int("--data-parallel", data_parallel))
     given = {"epochs": args.epochs, "batch_size": args.batch_size,
              "validation_split": args.validation_split, "learning_rate": args.lr,
-             "eval_batch_size": args.eval_batch_size, "data_parallel": data_parallel}
+             "eval_batch_size": args.eval_batch_size, "data_parallel": data_parallel,
+             "schedule": args.schedule, "dropout_rng": args.dropout_rng}
     given = {k: v for k, v in given.items() if v is not None}
     top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
                              ("dropout", args.dropout)) if v is not None}

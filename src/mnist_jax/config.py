@@ -102,6 +102,8 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256)
     eval_batch_size: int = 2000
     data_parallel: int = 1
+    schedule: str = "auto"  # models of a stack: 'stack' (vmapped), 'sequential' or 'auto'
+    dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
 
     def validate(self, n_train: int = 60000) -> None:
         """Raises ConfigError naming the flag and its valid range; `n_train` before the split."""
@@ -127,6 +129,10 @@ class TrainConfig:
         if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigError(f"hidden sizes {self.hidden!r} must be positive integers")
         integer("--eval-batch-size", self.eval_batch_size, 1)
+        if self.schedule not in ("auto", "stack", "sequential"):
+            raise ConfigError(f"--schedule {self.schedule!r} must be auto, stack or sequential")
+        if self.dropout_rng not in ("hash", "threefry"):
+            raise ConfigError(f"--dropout-rng {self.dropout_rng!r} must be hash or threefry")
         integer("--data-parallel", self.data_parallel, 1)
         if self.batch_size % self.data_parallel or self.eval_batch_size % self.data_parallel:
             raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "

@@ -241,9 +241,18 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
     weights = weights[0]  # the padding sits at the same place for every seed
     first_step = epoch * steps
 
+    step = functools.partial(train_step, model=model, tx=tx)
+    single = (s, v) == (1, 1)
+
     def seed_step(state_v, images, labels, w, key):
-        step = functools.partial(train_step, model=model, tx=tx)
         return over_models(step, v, (0, None, None))(state_v, Batch(images, labels, w), key)
+
+    def step_all(state, images, labels, w, step_keys):
+        if single:  # the loop carries the unstacked state (see below)
+            state, m = step(state, Batch(images[0], labels[0], w), step_keys[0])
+            return state, jax.tree.map(lambda a: a[None, None], m)
+        return over_models(seed_step, s, (0, 0, 0, None, 0))(state, images, labels, w,
+                                                             step_keys)
 
     def body(carry):
         i, state, sums, bad, bad_loss = carry
@@ -254,8 +263,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
             images = jax.lax.with_sharding_constraint(images, batch_sharding)
             labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys.dropout, first_step + i)
-        state, m = over_models(seed_step, s, (0, 0, 0, None, 0))(
-            state, images, labels, weights[i], step_keys)
+        state, m = step_all(state, images, labels, weights[i], step_keys)
         ok = jnp.isfinite(m.loss) & (m.cross_entropy < DIVERGED_CROSS_ENTROPY)
         newly = (bad < 0) & ~ok
         bad = jnp.where(newly, i, bad)
@@ -269,9 +277,16 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
         return (i < steps) & jnp.all(bad < 0)
 
     zeros = jnp.zeros((s, v), jnp.float32)
-    init = (jnp.zeros((), jnp.int32), state, (zeros, zeros, zeros, zeros),
-            jnp.full((s, v), -1, jnp.int32), zeros)
-    _, state, (loss, ce, penalty, acc), bad, bad_loss = jax.lax.while_loop(cond, body, init)
+    if single:
+        # A lone model's state is carried through the loop without its (1, 1) axes: updated
+        # in place through a reshape, XLA copied the optimizer state every step.
+        state = jax.tree.map(lambda a: a[0, 0], state)
+    carry = (jnp.zeros((), jnp.int32), state, (zeros, zeros, zeros, zeros),
+             jnp.full((s, v), -1, jnp.int32), zeros)
+    carry = jax.lax.while_loop(cond, body, carry)
+    if single:
+        carry = (carry[0], jax.tree.map(lambda a: a[None, None], carry[1]), *carry[2:])
+    _, state, (loss, ce, penalty, acc), bad, bad_loss = carry
 
     if data.val_images.shape[0]:
         val = evaluate_stack(state, data.val_images, data.val_labels, model=model,

@@ -1,0 +1,1 @@
+"""The same recipe in the stacks users would pick instead, run as separate processes."""

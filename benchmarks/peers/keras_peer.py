@@ -1,0 +1,65 @@
+"""The study's recipe in Keras 3: `python -m benchmarks.peers.keras_peer --backend jax`.
+
+Prints one JSON line per variant: fit seconds (20 epochs with validation), evaluate seconds,
+test loss and accuracy. The backend is chosen before Keras is imported, as Keras requires.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True, choices=("jax", "tensorflow", "torch"))
+    parser.add_argument("--variants", default="baseline,l2,dropout,l2_dropout")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+
+    from mnist_jax import preprocessing
+    from mnist_jax.config import VARIANTS
+    from mnist_jax.data import load_mnist
+
+    mnist = load_mnist(args.data_dir)
+    x = preprocessing.scale(preprocessing.flatten(mnist.train_images))
+    y = preprocessing.one_hot(mnist.train_labels)
+    x_test = preprocessing.scale(preprocessing.flatten(mnist.test_images))
+    y_test = preprocessing.one_hot(mnist.test_labels)
+    for name in args.variants.split(","):
+        variant = VARIANTS[name]
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((784,))]
+        for layer in ("hidden_1", "hidden_2"):
+            reg = (keras.regularizers.l2(variant.l2) if layer in variant.l2_layers else None)
+            layers.append(keras.layers.Dense(256, activation="relu", kernel_regularizer=reg))
+            if layer in variant.dropout_layers:
+                layers.append(keras.layers.Dropout(variant.dropout))
+        layers.append(keras.layers.Dense(10, activation="softmax"))
+        model = keras.Sequential(layers)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                      metrics=["accuracy"])
+        t0 = time.perf_counter()
+        history = model.fit(x, y, epochs=args.epochs, batch_size=128, validation_split=0.3,
+                            verbose=0)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss, accuracy = model.evaluate(x_test, y_test, batch_size=128, verbose=0)
+        eval_s = time.perf_counter() - t0
+        print(json.dumps({"stack": f"keras-{args.backend}", "variant": name,
+                          "fit_seconds": fit_s, "evaluate_seconds": eval_s,
+                          "test_loss": float(loss), "test_accuracy": float(accuracy),
+                          "val_accuracy": float(history.history["val_accuracy"][-1]),
+                          "keras": keras.__version__, "epochs": args.epochs}), flush=True)
+    del np
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
