@@ -5,6 +5,7 @@ import json
 import re
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 from mnist_jax import report
@@ -99,3 +100,29 @@ def test_full_study_reaches_the_original_accuracy(mnist, tmp_path):
     accuracies = {n: v["test"]["accuracy"] for n, v in metrics["variants"].items()}
     assert min(accuracies.values()) >= 0.97, accuracies
     assert all(len(v["history"]["loss"]) == 20 for v in metrics["variants"].values())
+
+
+def test_seeds_give_statistics_and_intervals(mnist, tmp_path):
+    out = tmp_path / "seeds"
+    run_cli("experiment", "--variants", "baseline,dropout", "--seeds", "0-2", "--epochs", 1,
+            "--out", out, "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["seeds"] == [0, 1, 2] and metrics["timing"]["models"] == 6
+    for name, v in metrics["variants"].items():
+        accs = [r["test"]["accuracy"] for r in v["runs"]]
+        assert [r["seed"] for r in v["runs"]] == [0, 1, 2] and len(set(accs)) == 3
+        stats = v["stats"]["test_accuracy"]
+        assert stats["n"] == 3 and stats["mean"] == pytest.approx(sum(accs) / 3)
+        assert stats["std"] == pytest.approx(float(np.std(accs, ddof=1)))
+        assert v["test"]["accuracy"] == pytest.approx(stats["mean"])
+        for seed in (0, 1, 2):
+            assert (out / f"history_{name}_seed{seed}.csv").exists()
+    (comparison,) = metrics["comparisons"]
+    diffs = [a["test"]["accuracy"] - b["test"]["accuracy"] for a, b in zip(
+        metrics["variants"]["baseline"]["runs"], metrics["variants"]["dropout"]["runs"],
+        strict=True)]
+    assert comparison["mean"] == pytest.approx(np.mean(diffs))
+    assert comparison["ci95_low"] < comparison["mean"] < comparison["ci95_high"]
+    text = (out / "report.md").read_text()
+    assert "over 3 seeds" in text and "95% interval" in text and "`baseline` − `dropout`" in text
+    assert "±" in text

@@ -5,7 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax.model import MLP, Dropout, count_params, dense_names, random_bits, summary
+from mnist_jax.model import (
+    MLP,
+    Dropout,
+    count_params,
+    dense_names,
+    forward_flops_per_sample,
+    random_bits,
+    summary,
+    train_flops_per_sample,
+)
 
 
 def numpy_forward(params, x):
@@ -121,3 +130,10 @@ def test_summary_table():
     for row in ("hidden_1", "200,960", "hidden_2", "65,792", "output", "2,570", "dropout_1"):
         assert row in text
     assert "dropout" not in summary(MLP(dropout=False))
+
+
+def test_flop_counts_by_hand():
+    forward = 2 * (784 * 256 + 256 * 256 + 256 * 10)
+    assert forward_flops_per_sample() == forward == 537_600
+    # backward: weight gradients (as much as forward) + input gradients of layers 2 and 3
+    assert train_flops_per_sample() == 2 * forward + 2 * (256 * 256 + 256 * 10) == 1_211_392

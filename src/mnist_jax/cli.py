@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        if args.command in ("train", "experiment"):
+            from mnist_jax import parallel
+
+            parallel.initialize_distributed()  # before anything touches a device
         return args.func(args)
     except TrainingDiverged as e:
         print(f"mnist-jax: {e}", file=sys.stderr)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from mnist_jax import files, fit, plots, report, runtime, stats
+from mnist_jax import files, fit, parallel, plots, report, runtime, stats
 from mnist_jax.config import DROPOUT, L2, VARIANTS, TrainConfig, Variant, select_variants
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, Interrupted, TrainingDiverged
@@ -147,7 +148,8 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
     for name, v in variants.items():
         made[f"curves_{name}"] = plots.history_curves([r["history"] for r in v["runs"]],
                                                       title=name)
-    predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images)
+    predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images,
+                            mesh=parallel.data_mesh(stack.config.data_parallel))
     true = mnist.test_labels.astype(np.int64)
     seed = stack.seeds[0]
     made["confusion"] = plots.confusion(
@@ -173,21 +175,26 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     t_start = time.perf_counter()
     config.validate(len(mnist.train_images))
     out = Path(out_dir)
+    primary = jax.process_index() == 0  # with several hosts, one writes the files
     variants = config.resolve()
-    eda = run_eda(mnist, out, seed=config.seeds[0])
+    eda = run_eda(mnist, out, seed=config.seeds[0]) if primary else {}
     splits = fit.prepare(mnist, config.train.validation_split)
     if stack is None:
         stack = fit.new_stack(variants, config.seeds, config.train, len(mnist.train_images))
+    devices = config.train.data_parallel
     echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
-         f"{len(config.variants) * len(config.seeds)} model(s) in one program, "
-         f"{config.train.epochs} epochs")
+         f"{len(config.variants) * len(config.seeds)} model(s) with one compiled program, "
+         f"{config.train.epochs} epochs, {fit.schedule(config.train)} schedule; batch "
+         f"{config.train.batch_size} on {devices} device(s), "
+         f"{config.train.batch_size // devices} per device")
     fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
     echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
 
     results_variants = collect(stack, splits)
     best = max(results_variants, key=lambda n: results_variants[n]["stats"]["test_accuracy"]
                ["mean"])
-    figure_paths = {**eda, **figures(stack, splits, mnist, results_variants, best, out)}
+    figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
+                    if primary else {})
     results = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -202,14 +209,19 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
         "timing": {"compile_seconds": stack.compile_seconds,
                    "train_seconds": stack.train_seconds,
                    "models": len(config.variants) * len(config.seeds),
+                   "schedule": fit.schedule(config.train),
                    "wall_seconds": None},
+        "parallel": {"devices": devices, "processes": jax.process_count(),
+                     "global_batch": config.train.batch_size,
+                     "per_device_batch": config.train.batch_size // devices},
         "variants": results_variants,
         "comparisons": compare(results_variants),
         "best_variant": best,
         "figures": figure_paths,
     }
     results["timing"]["wall_seconds"] = time.perf_counter() - t_start
-    report.write(out, results)
+    if primary:
+        report.write(out, results)
     return results
 
 
@@ -307,7 +319,9 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
 
     config.validate()
     check_data_dir(data_dir)
-    out = prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite)
+    primary = jax.process_index() == 0
+    out = (prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite) if primary
+           else Path(out_dir))
     mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
     mgr = checkpoint.manager(out / CHECKPOINTS)
@@ -329,12 +343,15 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
             results = run_experiment(config, mnist, out, progress=progress, echo=echo,
                                      on_epoch_end=on_epoch_end, stack=stack)
         except Interrupted:
-            _set_status(out, "interrupted", epochs_done=stack.epochs_done)
+            if primary:
+                _set_status(out, "interrupted", epochs_done=stack.epochs_done)
             raise
         except TrainingDiverged as e:
-            _set_status(out, "diverged", epochs_done=stack.epochs_done, error=str(e))
+            if primary:
+                _set_status(out, "diverged", epochs_done=stack.epochs_done, error=str(e))
             raise
         finally:
             mgr.close()
-    _set_status(out, "complete", epochs_done=stack.epochs_done)
+    if primary:
+        _set_status(out, "complete", epochs_done=stack.epochs_done)
     return results

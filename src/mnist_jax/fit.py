@@ -124,7 +124,8 @@ _train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
 def tx_for(config: TrainConfig) -> optax.GradientTransformation:
     """The (cached) optimizer of a config: Adam with its b1, b2 and eps."""
     return optimizer(config.b1, config.b2, config.eps)
-_evaluate_stack = jax.jit(evaluate_stack, static_argnames=("model", "batch_size"))
+_evaluate_stack = jax.jit(evaluate_stack,
+                          static_argnames=("model", "batch_size", "batch_sharding"))
 
 
 def epoch_data(splits: Splits, mesh=None) -> EpochData:
@@ -209,7 +210,7 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
     mesh = parallel.data_mesh(config.data_parallel)
     data = epoch_data(splits, mesh)
     state = parallel.put(stack.state, mesh)
-    keys = parallel.put(stack.keys, mesh)
+    keys = stack.keys = parallel.put(stack.keys, mesh)  # global arrays for checkpoints too
     t0 = time.perf_counter()
     run_epoch = _epoch_runner(stack, state, keys, data, mesh)
     stack.compile_seconds += time.perf_counter() - t0
@@ -322,8 +323,11 @@ def evaluate(model: MLP, state: TrainState, images: np.ndarray, labels: np.ndarr
 def evaluate_models(stack: Stack, images: np.ndarray, labels: np.ndarray,
                     ) -> dict[str, np.ndarray]:
     """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V)."""
-    out = _evaluate_stack(stack.state, jnp.asarray(images), jnp.asarray(labels),
-                          model=stack.model, batch_size=stack.config.eval_batch_size)
+    mesh = parallel.data_mesh(stack.config.data_parallel)
+    state, images, labels = parallel.put((stack.state, images, labels), mesh)
+    out = _evaluate_stack(state, images, labels, model=stack.model,
+                          batch_size=stack.config.eval_batch_size,
+                          batch_sharding=parallel.batch_sharding(mesh))
     return parallel.to_host(out)
 
 
@@ -332,8 +336,10 @@ def _predict(model: MLP, params, images: jax.Array) -> jax.Array:
     return jnp.argmax(model.apply({"params": params}, images), -1)
 
 
-def predict(model: MLP, params, images: np.ndarray, *, batch_size: int = 2000) -> np.ndarray:
+def predict(model: MLP, params, images: np.ndarray, *, batch_size: int = 2000,
+            mesh=None) -> np.ndarray:
     """Predicted class of each image (N, 784), in inference mode, a chunk at a time."""
-    chunks = [_predict(model, params, jnp.asarray(images[i:i + batch_size]))
+    params = parallel.put(params, mesh)
+    chunks = [_predict(model, params, parallel.put(images[i:i + batch_size], mesh))
               for i in range(0, len(images), batch_size)]
-    return np.concatenate([np.asarray(c) for c in chunks])
+    return np.concatenate([parallel.to_host(c) for c in chunks])

@@ -89,6 +89,23 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name=names[-1])(x)
 
 
+def train_flops_per_sample(hidden: tuple[int, ...] = (256, 256), input_dim: int = 784,
+                           num_classes: int = 10) -> int:
+    """Matmul FLOPs of one training sample: the forward pass (2 * in * out per Dense), the
+    weight gradients (the same again) and the input gradients of every Dense but the first
+    (nothing needs the gradient of the images). 1,211,392 for 784-256-256-10."""
+    sizes = (input_dim, *hidden, num_classes)
+    macs = [a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    return 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
+
+
+def forward_flops_per_sample(hidden: tuple[int, ...] = (256, 256), input_dim: int = 784,
+                             num_classes: int = 10) -> int:
+    """Matmul FLOPs of one sample's forward pass (evaluation): 537,600 for 784-256-256-10."""
+    sizes = (input_dim, *hidden, num_classes)
+    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
 def count_params(params) -> int:
     """Total number of scalars in a parameter pytree."""
     return sum(int(p.size) for p in jax.tree.leaves(params))

@@ -20,13 +20,19 @@ DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "MNIST_JAX_DISTRIBUTED")
 def initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when the launcher's environment asks for it.
 
-    `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`) or
-    `MNIST_JAX_DISTRIBUTED=1` (on TPU VMs and under SLURM, where JAX finds its peers itself).
-    Returns whether this is a multi-process run. Call before anything touches a device.
+    `JAX_COORDINATOR_ADDRESS=host:port` with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (any
+    launcher), or `MNIST_JAX_DISTRIBUTED=1` where JAX finds its peers itself (TPU VMs, SLURM,
+    Open MPI). Host CPUs talk through gloo. Returns whether this is a multi-process run. Call
+    before anything touches a device.
     """
     if not any(os.environ.get(name) for name in DISTRIBUTED_ENV):
         return False
-    jax.distributed.initialize()
+    kwargs = {}
+    for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(name):
+            kwargs[arg] = int(os.environ[name])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
     return jax.process_count() > 1
 
 
@@ -65,11 +71,16 @@ def put(tree: Any, mesh: Mesh | None) -> Any:
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(x):
-        if isinstance(x, jax.Array) and x.is_fully_replicated and x.sharding == replicated:
+        if isinstance(x, jax.Array) and x.sharding == replicated:
             return x
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.device_put(x, replicated)
+            return jax.random.wrap_key_data(place(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, replicated)  # already global: reshard on the devices
         x = np.asarray(x)
+        if jax.process_count() == 1:
+            return jax.device_put(x, replicated)
         return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
 
     return jax.tree.map(place, tree)

@@ -25,7 +25,7 @@ def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
 
 def label_distribution(train_labels: np.ndarray, test_labels: np.ndarray) -> Figure:
     """Counts of each digit in train and test, side by side, each bar labelled."""
-    fig = Figure(figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
     for ax, labels, name, color in zip(fig.subplots(1, 2), (train_labels, test_labels),
                                        ("train", "test"), COLORS[:2], strict=True):
         counts = np.bincount(labels, minlength=10)
@@ -42,7 +42,7 @@ def digit_grid(images: np.ndarray, labels: np.ndarray, *, titles: Sequence[str] 
                rows: int = 5, cols: int = 5, title: str = "") -> Figure:
     """The first rows * cols of `images` (N, 28, 28) in a grid, titled by label (or `titles`)."""
     n = min(rows * cols, len(images))
-    fig = Figure(figsize=(1.5 * cols, 1.7 * rows))
+    fig = Figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for i, ax in enumerate(axes):
         ax.axis("off")
@@ -72,7 +72,7 @@ def _band(ax, x, runs: np.ndarray, label: str, color: str, style: str = "-") -> 
 def history_curves(histories: History | Sequence[History], title: str = "") -> Figure:
     """Loss and accuracy per epoch, train vs validation; several runs give mean and band."""
     runs = [histories] if isinstance(histories, Mapping) else list(histories)
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         epochs = np.arange(1, len(runs[0][metric]) + 1)
         _band(ax, epochs, np.array([r[metric] for r in runs]), "train", COLORS[0])
@@ -92,7 +92,7 @@ def compare_variants(histories: Mapping[str, Sequence[History]],
                      test_accuracy: Mapping[str, Sequence[float]]) -> Figure:
     """Validation loss and accuracy of every variant overlaid, and test accuracy per variant
     (mean over seeds, whiskers at ±1 sd, each seed a dot)."""
-    fig = Figure(figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_loss, ax_acc, ax_test = fig.subplots(1, 3)
     names = list(histories)
     key = "val_{}" if "val_loss" in histories[names[0]][0] else "{}"
@@ -136,7 +136,7 @@ def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int =
 def confusion(true: np.ndarray, predicted: np.ndarray, title: str = "") -> Figure:
     """The confusion matrix as a heatmap with every count written in its cell."""
     matrix = confusion_matrix(true, predicted)
-    fig = Figure(figsize=(6.5, 5.5))
+    fig = Figure(figsize=(6.5, 5.5), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(np.log1p(matrix), cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):

@@ -55,7 +55,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         + (f" over {len(seeds)} seeds" if several else f" (seed {seeds[0]})") + ". "
         f"{len(variants) * len(seeds)} models of {results['model']['parameters']:,} parameters "
         f"({results['model']['architecture']}) trained for {cfg['train']['epochs']} epochs at "
-        f"batch {cfg['train']['batch_size']} in one compiled program on "
+        f"batch {cfg['train']['batch_size']} with one compiled program "
+        f"({results['timing']['schedule']} schedule) on "
         f"{env['device']['count']} × {env['device']['kind']}: "
         f"{results['timing']['train_seconds']:.1f} s of training after "
         f"{results['timing']['compile_seconds']:.1f} s of compilation.",

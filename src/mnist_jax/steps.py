@@ -191,14 +191,19 @@ def epoch_batches(shuffle_key: jax.Array, epoch: jax.Array, n: int, batch_size: 
 
 
 def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
-                    batch_size: int) -> dict[str, jax.Array]:
-    """Loss (cross-entropy + penalty, as Keras's `evaluate`) and accuracy of one model."""
+                    batch_size: int, batch_sharding: jax.sharding.Sharding | None = None,
+                    ) -> dict[str, jax.Array]:
+    """Loss (cross-entropy + penalty, as Keras's `evaluate`) and accuracy of one model, in
+    chunks of `batch_size` (each split over the devices by `batch_sharding`, if given)."""
     n = images.shape[0]
     steps = steps_per_epoch(n, batch_size)
     pad = steps * batch_size - n
     images = jnp.pad(images, ((0, pad), (0, 0))).reshape(steps, batch_size, -1)
     labels = jnp.pad(labels, ((0, pad), (0, 0))).reshape(steps, batch_size, -1)
     weights = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, -1)
+    if batch_sharding is not None:  # (steps, B, ...): the batch axis over the devices
+        images, labels, weights = (jax.lax.with_sharding_constraint(a, batch_sharding)
+                                   for a in (images, labels, weights))
 
     def chunk(sums, batch):
         m = eval_step(state.params, state.hparams, Batch(*batch), model=model)
@@ -213,10 +218,12 @@ def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, 
 
 
 def evaluate_stack(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
-                   batch_size: int) -> dict[str, jax.Array]:
+                   batch_size: int, batch_sharding: jax.sharding.Sharding | None = None,
+                   ) -> dict[str, jax.Array]:
     """`evaluate_arrays` for every model of a (S, V) stack; values of shape (S, V)."""
     s, v = stack_shape(state)
-    fn = functools.partial(evaluate_arrays, model=model, batch_size=batch_size)
+    fn = functools.partial(evaluate_arrays, model=model, batch_size=batch_size,
+                           batch_sharding=batch_sharding)
     per_seed = over_models(fn, v, (0, None, None))
     return over_models(per_seed, s, (0, None, None))(state, images, labels)
 
@@ -290,7 +297,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
 
     if data.val_images.shape[0]:
         val = evaluate_stack(state, data.val_images, data.val_labels, model=model,
-                             batch_size=eval_batch_size)
+                             batch_size=eval_batch_size, batch_sharding=batch_sharding)
     else:
         nan = jnp.full((s, v), jnp.nan, jnp.float32)
         val = {"loss": nan, "cross_entropy": nan, "accuracy": nan}

@@ -1,0 +1,64 @@
+"""Measuring as JAX's benchmarking guide says: inputs on the device first, compilation timed
+apart (`lower(...).compile()`), a warm-up call, `block_until_ready` at both ends, several
+repeats reported as min and median; one JSON record per measurement."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from mnist_jax import runtime
+
+
+def compile_timed(jitted, *args, **static) -> tuple[Any, float]:
+    """The compiled executable and the seconds `lower(...).compile()` took."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Wall seconds of `call()` (which returns arrays to wait for), after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(jax.device_put(0))  # the device is idle when the clock starts
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return {"min_s": min(times), "median_s": statistics.median(times), "repeats": repeats,
+            "times_s": times}
+
+
+def device() -> dict[str, Any]:
+    d = jax.devices()[0]
+    return {"backend": d.platform, "device_kind": d.device_kind,
+            "device_count": jax.device_count()}
+
+
+class Results:
+    """Records of one benchmark run, each tagged with the device it ran on."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.environment = runtime.environment()
+
+    def add(self, name: str, **fields: Any) -> dict[str, Any]:
+        record = {"name": name, **device(), **fields}
+        self.records.append(record)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()
+                 if k != "times_s"}
+        print(f"{name}: {shown}", flush=True)
+        return record
+
+    def find(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["name"] == name
+                and all(r.get(k) == v for k, v in match.items())]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"environment": self.environment, "records": self.records}

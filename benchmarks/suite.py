@@ -1,0 +1,240 @@
+"""The measurements. Each function adds records to a Results; none asserts a threshold."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.harness import Results, compile_timed, time_calls
+from mnist_jax import fit
+from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.model import train_flops_per_sample
+from mnist_jax.steps import Batch, EpochData, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(results: Results, n: int, repeats: int) -> float:
+    """float32 GFLOP/s of an n x n x n matmul: the yardstick for FLOP utilisation."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    compiled, compile_s = compile_timed(jax.jit(jnp.matmul), a, b)
+    t = time_calls(lambda: compiled(a, b), repeats)
+    gflops = 2 * n**3 / t["min_s"] / 1e9
+    results.add("matmul_peak", n=n, dtype="float32", gflop_per_s=gflops,
+                compile_s=compile_s, **t)
+    return gflops
+
+
+def _train_only(splits: fit.Splits) -> EpochData:
+    empty = np.zeros((0, 784), np.float32)
+    return fit.epoch_data(fit.Splits(splits.train_images, splits.train_labels, empty,
+                                     np.zeros((0, 10), np.float32), empty, empty))
+
+
+def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
+    stack = fit.new_stack(variants, seeds, config, 60000)
+    static = dict(model=stack.model, tx=fit.tx_for(config), batch_size=config.batch_size,
+                  eval_batch_size=config.eval_batch_size, batch_sharding=None)
+    compiled, compile_s = compile_timed(fit._train_epoch, stack.state, stack.keys, data,
+                                        jnp.int32(0), **static)
+    return stack, compiled, compile_s
+
+
+def _run_epochs(stack, compiled, data, repeats):
+    """Times whole compiled epochs (training only), carrying the state from one to the next."""
+    state = [jax.tree.map(jnp.copy, stack.state)]  # the epoch donates it
+    epoch = [0]
+
+    def call():
+        state[0], metrics = compiled(state[0], stack.keys, data, jnp.int32(epoch[0]))
+        epoch[0] += 1
+        return metrics
+
+    return time_calls(call, repeats)
+
+
+def epoch(results: Results, splits: fit.Splits, peak: float, repeats: int,
+          batch_sizes=(128,), variants=("baseline",), rngs=("hash",)) -> None:
+    """A whole compiled training epoch: samples/s, and achieved FLOP/s against the peak."""
+    data = _train_only(splits)
+    n = len(splits.train_images)
+    flops = train_flops_per_sample() * n
+    for batch in batch_sizes:
+        for name in variants:
+            for rng in rngs if VARIANTS[name].dropout else ("hash",):
+                config = TrainConfig(batch_size=batch, dropout_rng=rng)
+                stack, compiled, compile_s = _epoch_program([VARIANTS[name]], (0,), config,
+                                                            data)
+                t = _run_epochs(stack, compiled, data, repeats)
+                steps = -(-n // batch)
+                results.add("epoch", variant=name, dropout_rng=rng, batch=batch,
+                            samples_per_s=n / t["min_s"], ms_per_step=1e3 * t["min_s"] / steps,
+                            gflop_per_s=flops / t["min_s"] / 1e9,
+                            flop_utilisation=flops / t["min_s"] / 1e9 / peak,
+                            compile_s=compile_s, **t)
+
+
+def step(results: Results, splits: fit.Splits, repeats: int, steps_per_call: int = 50) -> None:
+    """One jitted train step dispatched from Python per batch (as a hand-written loop would):
+    ms/step at batch 128 for each variant and dropout generator."""
+    batch = jax.device_put(Batch(splits.train_images[:128], splits.train_labels[:128],
+                                 np.ones(128, np.float32)))
+    for name, rng in (("baseline", "hash"), ("l2", "hash"), ("dropout", "hash"),
+                      ("dropout", "threefry"), ("l2_dropout", "hash")):
+        config = TrainConfig(dropout_rng=rng)
+        stack = fit.new_stack([VARIANTS[name]], (0,), config)
+        state = [jax.tree.map(lambda a: a[0, 0], stack.state)]
+        jitted = jax.jit(functools.partial(train_step, model=stack.model, tx=fit.tx_for(config)),
+                         donate_argnums=0)
+        key = jax.random.key(0)
+        compiled, compile_s = compile_timed(jitted, state[0], batch, key)
+
+        def call(compiled=compiled, state=state, key=key):
+            for i in range(steps_per_call):
+                state[0], metrics = compiled(state[0], batch, jax.random.fold_in(key, i))
+            return metrics
+
+        t = time_calls(call, repeats)
+        results.add("train_step", variant=name, dropout_rng=rng, batch=128,
+                    ms_per_step=1e3 * t["min_s"] / steps_per_call,
+                    samples_per_s=128 * steps_per_call / t["min_s"], compile_s=compile_s, **t)
+
+
+def regularisation_costs(results: Results) -> None:
+    """Dropout and L2 relative to the baseline epoch, from the epoch records of this run."""
+    base = results.find("epoch", variant="baseline", batch=128)
+    if not base:
+        return
+    for record in results.find("epoch", batch=128):
+        if record["variant"] != "baseline":
+            results.add("cost_vs_baseline", variant=record["variant"],
+                        dropout_rng=record["dropout_rng"],
+                        ratio=record["min_s"] / base[0]["min_s"])
+
+
+def stacks(results: Results, splits: fit.Splits, sizes, repeats: int) -> None:
+    """N models (seeds) in one vmapped program against the same N run one after another."""
+    data = _train_only(splits)
+    n = len(splits.train_images)
+    variant = VARIANTS["dropout"]
+    _, single, _ = _epoch_program([variant], (0,), TrainConfig(), data)
+    for size in sizes:
+        seeds = tuple(range(size))
+        stack, compiled, compile_s = _epoch_program([variant], seeds, TrainConfig(), data)
+        t = _run_epochs(stack, compiled, data, repeats)
+        results.add("stack", schedule="vmapped", models=size, compile_s=compile_s,
+                    samples_per_s=size * n / t["min_s"],
+                    samples_per_s_per_model=n / t["min_s"], **t)
+        cells = [fit._cell(stack.state, s, 0) for s in range(size)]
+        cell_keys = [fit.RunKeys(stack.keys.shuffle[s:s + 1], stack.keys.dropout[s:s + 1])
+                     for s in range(size)]
+        epoch_number = [0]
+
+        def call(cells=cells, cell_keys=cell_keys, epoch_number=epoch_number):
+            for s in range(len(cells)):
+                cells[s], metrics = single(cells[s], cell_keys[s], data,
+                                           jnp.int32(epoch_number[0]))
+            epoch_number[0] += 1
+            return metrics
+
+        t = time_calls(call, repeats)
+        results.add("stack", schedule="sequential", models=size,
+                    samples_per_s=size * n / t["min_s"],
+                    samples_per_s_per_model=n / t["min_s"], **t)
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 3600,
+         ) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    return done, time.perf_counter() - t0
+
+
+def study(results: Results, data_dir: str | None, epochs: int) -> dict | None:
+    """The four-variant study as a user runs it, twice: a cold and a warm compilation cache."""
+    record = None
+    with tempfile.TemporaryDirectory(prefix="mnist_jax-bench-") as tmp:
+        env = {"MNIST_JAX_COMPILATION_CACHE": str(Path(tmp) / "xla-cache")}
+        for run in ("cold_cache", "warm_cache"):
+            out = Path(tmp) / run
+            cmd = [sys.executable, "-m", "mnist_jax.cli", "experiment", "--quiet", "--out",
+                   str(out), "--epochs", str(epochs)]
+            if data_dir:
+                cmd += ["--data-dir", data_dir]
+            done, wall = _run(cmd, env)
+            if done.returncode != 0:
+                results.add("study", run=run, error=done.stderr[-2000:])
+                return None
+            metrics = json.loads((out / "metrics.json").read_text())
+            timing = metrics["timing"]
+            record = results.add(
+                "study", run=run, epochs=epochs, process_wall_s=wall,
+                compile_s=timing["compile_seconds"], train_s=timing["train_seconds"],
+                fit_equivalent_s=timing["compile_seconds"] + timing["train_seconds"],
+                schedule=metrics["timing"].get("schedule"),
+                test_accuracy={n: v["test"]["accuracy"] for n, v in metrics["variants"].items()})
+    return record
+
+
+PEERS = {
+    "keras-jax": (("keras",), ["-m", "benchmarks.peers.keras_peer", "--backend", "jax"]),
+    "keras-tensorflow": (("keras", "tensorflow"),
+                         ["-m", "benchmarks.peers.keras_peer", "--backend", "tensorflow"]),
+    "torch-eager": (("torch",), ["-m", "benchmarks.peers.torch_peer"]),
+    "torch-compile": (("torch",), ["-m", "benchmarks.peers.torch_peer", "--compile"]),
+}
+
+
+def peers(results: Results, ours: dict | None, data_dir: str | None, epochs: int,
+          only: tuple[str, ...] | None = None) -> None:
+    """The same recipe in the other stacks that are installed, as ratios to mnist_jax."""
+    for name, (modules, args) in PEERS.items():
+        if only and name not in only:
+            continue
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            results.add("peer", stack=name, skipped=f"not installed: {', '.join(missing)} "
+                                                    "(pip install -e '.[peers]')")
+            continue
+        cmd = [sys.executable, *args, "--epochs", str(epochs)]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        done, wall = _run(cmd, {"TF_CPP_MIN_LOG_LEVEL": "2"})
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            results.add("peer", stack=name, error=done.stderr[-2000:])
+            continue
+        fit_s = sum(r["fit_seconds"] + r["evaluate_seconds"] for r in lines)
+        ratio = fit_s / ours["fit_equivalent_s"] if ours else None
+        results.add("peer", stack=name, epochs=epochs, fit_s=fit_s, process_wall_s=wall,
+                    ratio_to_mnist_jax=ratio,
+                    test_accuracy={r["variant"]: r["test_accuracy"] for r in lines},
+                    versions={k: v for r in lines[:1] for k, v in r.items()
+                              if k in ("keras", "torch", "threads")})
+
+
+def scaling(results: Results, devices: int, repeats: int) -> None:
+    """Data parallelism over 1..`devices` host devices (a subprocess each: the device count is
+    fixed when JAX starts). On 2 cores expect no speed-up: the shape of the curve matters."""
+    for parallel in sorted({1, 2, devices} & set(range(1, devices + 1))):
+        cmd = [sys.executable, "-m", "benchmarks.scaling", "--devices", str(devices),
+               "--data-parallel", str(parallel), "--repeats", str(repeats)]
+        done, _ = _run(cmd)
+        if done.returncode != 0:
+            results.add("data_parallel", data_parallel=parallel, error=done.stderr[-2000:])
+            continue
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        results.add("data_parallel", **record)

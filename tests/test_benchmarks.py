@@ -1,0 +1,52 @@
+"""The benchmark suite runs end to end and writes what it promises (no timing thresholds:
+timings belong in benchmarks/ and its JSON, not in assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from conftest import cli_env
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
+                           "--data-dir", str(mnist.cache_dir), "--skip", "scaling"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=cli_env(MNIST_JAX_COMPILATION_CACHE=str(tmp_path / "xla")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["versions"]["jax"]
+    names = {r["name"] for r in results["records"]}
+    assert names >= {"matmul_peak", "train_step", "epoch", "cost_vs_baseline", "stack",
+                     "study"}
+    for record in results["records"]:
+        assert record["backend"] == "cpu" and record["device_kind"]
+        if "samples_per_s" in record:
+            assert record["samples_per_s"] > 0 and record["min_s"] <= record["median_s"]
+    epochs = [r for r in results["records"] if r["name"] == "epoch"]
+    assert {r["batch"] for r in epochs} >= {128, 1024}
+    assert all(0 < r["flop_utilisation"] for r in epochs)
+    study = {r["run"]: r for r in results["records"] if r["name"] == "study"}
+    assert set(study) == {"cold_cache", "warm_cache"}
+    assert study["warm_cache"]["test_accuracy"] == study["cold_cache"]["test_accuracy"]
+    image = matplotlib.image.imread(out / "benchmarks.png")
+    assert image.shape[0] > 500 and image[..., :3].std() > 0.01
+
+
+def test_data_parallel_benchmark_process(mnist):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--devices", "2",
+                           "--data-parallel", "2", "--repeats", "1", "--data-dir",
+                           str(mnist.cache_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=cli_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (record["devices"], record["data_parallel"]) == (2, 2)
+    assert (record["global_batch"], record["per_device_batch"]) == (128, 64)

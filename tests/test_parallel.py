@@ -1,0 +1,123 @@
+"""Data parallelism on the four forced CPU devices of this test session, and over two real
+processes joined by jax.distributed."""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import fit, parallel
+from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.errors import ConfigError
+
+from conftest import cli_env
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def small(splits):
+    return fit.Splits(splits.train_images[:2000], splits.train_labels[:2000],
+                      splits.val_images[:1000], splits.val_labels[:1000],
+                      splits.test_images[:1000], splits.test_labels[:1000])
+
+
+def train(small, devices, variants=("dropout",), seeds=(0,)):
+    config = TrainConfig(epochs=2, data_parallel=devices, eval_batch_size=1000)
+    stack = fit.new_stack([VARIANTS[v] for v in variants], seeds, config, n_train=3000)
+    return fit.fit(stack, small, progress=False)
+
+
+def test_four_devices_give_the_single_device_history(small):
+    assert jax.device_count() == 4
+    one, four = train(small, 1), train(small, 4)
+    for key, values in one.histories["dropout"][0].items():
+        np.testing.assert_allclose(four.histories["dropout"][0][key], values, rtol=1e-5)
+    # Adam amplifies float32 rounding where a gradient is tiny: atol is 1% of one lr step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 parallel.to_host(four.state.params), parallel.to_host(one.state.params))
+    test = fit.evaluate_models(four, small.test_images, small.test_labels)
+    np.testing.assert_allclose(test["accuracy"],
+                               fit.evaluate_models(one, small.test_images,
+                                                   small.test_labels)["accuracy"], rtol=1e-6)
+
+
+def test_the_batch_really_is_split_over_the_devices(small):
+    stack = train(small, 4, variants=("baseline", "l2"), seeds=(0, 1))
+    kernel = stack.state.params["hidden_1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 4 and kernel.sharding.is_fully_replicated
+    mesh = parallel.data_mesh(4)
+    data = fit.epoch_data(small, mesh)
+    assert len(data.train_images.sharding.device_set) == 4
+    compiled = fit._train_epoch.lower(
+        stack.state, stack.keys, data, jnp.int32(0), model=stack.model,
+        tx=fit.tx_for(stack.config), batch_size=128, eval_batch_size=1000,
+        batch_sharding=parallel.batch_sharding(mesh)).compile()
+    hlo = compiled.as_text()
+    # The per-device program computes the hidden activations of a quarter of each batch: 32
+    # of 128 training images and 250 of each 1000-image validation chunk; the gradients are
+    # summed by an all-reduce.
+    rows = set(re.findall(r"f32\[(?:\d+,)*(\d+),256\]", hlo))
+    assert {"32", "250"} <= rows and not {"128", "1000"} & rows, rows
+    assert "all-reduce" in hlo
+
+
+def test_data_parallel_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="multiples of --data-parallel 3"):
+        TrainConfig(data_parallel=3).validate()
+    with pytest.raises(ConfigError, match="this run sees 4 device"):
+        parallel.resolve_devices(5)
+    assert parallel.resolve_devices("all") == 4
+
+
+def test_cli_reports_global_and_per_device_batch(mnist, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "--variant", "baseline", "--epochs", 1, "--data-parallel", "all",
+            "--out", out, "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["parallel"] == {"devices": 4, "processes": 1, "global_batch": 128,
+                                   "per_device_batch": 32}
+    assert metrics["variants"]["baseline"]["test"]["accuracy"] > 0.95
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(mnist, tmp_path):
+    """Two processes of two devices each, joined through jax.distributed on loopback, train
+    exactly what one process does on four devices."""
+    args = ["train", "--variant", "dropout", "--epochs", "2", "--data-dir",
+            str(mnist.cache_dir), "--quiet", "--no-compilation-cache", "--data-parallel", "all"]
+    run_cli(*args, "--out", tmp_path / "single",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.cli", *args, "--out", str(tmp_path / "multi")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i),
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+        for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    single, multi = (json.loads((tmp_path / d / "metrics.json").read_text())
+                     for d in ("single", "multi"))
+    assert multi["parallel"] == {"devices": 4, "processes": 2, "global_batch": 128,
+                                 "per_device_batch": 32}
+    assert single["parallel"]["processes"] == 1
+    for key, values in single["variants"]["dropout"]["history"].items():
+        np.testing.assert_allclose(multi["variants"]["dropout"]["history"][key], values,
+                                   rtol=1e-5)
+    assert multi["variants"]["dropout"]["test"] == pytest.approx(
+        single["variants"]["dropout"]["test"], rel=1e-5)
