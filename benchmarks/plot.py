@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from benchmarks.harness import Results
 from mnist_jax import plots
@@ -27,6 +28,7 @@ def figure(results: Results) -> Figure:
             ax_sweep.annotate(f"{r['flop_utilisation']:.0%}", (r["batch"], r["samples_per_s"]),
                               textcoords="offset points", xytext=(0, 6), ha="center",
                               fontsize=7)
+        ax_sweep.set_ylim(0, max(r["samples_per_s"] for r in sweep) * 1.12)
         ax_sweep.set(xscale="log", xlabel="batch size", ylabel="training samples / s",
                      title="compiled epoch, baseline (labels: share of the matmul peak)")
         ax_sweep.grid(alpha=0.3)
@@ -41,9 +43,11 @@ def figure(results: Results) -> Figure:
                  xlabel="models trained together",
                  ylabel="samples / s, all models", title="many models: one vmapped program "
                  "vs one after another")
+    ax_stack.xaxis.set_minor_locator(NullLocator())
+    ax_stack.set_ylim(bottom=0)
     ax_stack.grid(alpha=0.3)
     if ax_stack.lines:
-        ax_stack.legend()
+        ax_stack.legend(loc="lower right")
 
     costs = [r for r in results.find("cost_vs_baseline")
              if "dropout" in r["variant"] or r["dropout_rng"] == "hash"]
@@ -76,3 +80,13 @@ def figure(results: Results) -> Figure:
 
 def save(results: Results, path: Path) -> None:
     plots.save(figure(results), path)
+
+
+if __name__ == "__main__":  # re-plot a run: python -m benchmarks.plot results.json out.png
+    import json
+    import sys
+
+    loaded = Results.__new__(Results)
+    data = json.loads(Path(sys.argv[1]).read_text())
+    loaded.records, loaded.environment = data["records"], data["environment"]
+    save(loaded, Path(sys.argv[2]))
