@@ -1,8 +1,8 @@
 """The host side of training: data on the device once, a stack of models, the epoch loop.
 
-`train` fits one model and `train_stack` many (seeds x variants) in one compiled program;
-both compile once (timed apart), then run one device call per epoch, reading back only that
-epoch's metrics for the history and the progress bar.
+`train` fits one model and `train_stack` many (seeds x variants) with one compiled program;
+both compile once (timed apart), then make one device call per epoch (per model, with the
+sequential schedule), reading back only that epoch's metrics for the history and the bar.
 """
 
 from __future__ import annotations
@@ -116,14 +116,14 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     return model, state, RunKeys(jnp.stack(shuffle_keys), jnp.stack(dropout_keys))
 
 
-_train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
-                       static_argnames=("model", "tx", "batch_size", "eval_batch_size",
-                                        "batch_sharding"))
-
-
 def tx_for(config: TrainConfig) -> optax.GradientTransformation:
     """The (cached) optimizer of a config: Adam with its b1, b2 and eps."""
     return optimizer(config.b1, config.b2, config.eps)
+
+
+_train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
+                       static_argnames=("model", "tx", "batch_size", "eval_batch_size",
+                                        "batch_sharding"))
 _evaluate_stack = jax.jit(evaluate_stack,
                           static_argnames=("model", "batch_size", "batch_sharding"))
 
@@ -151,8 +151,9 @@ def _describe(metrics: EpochMetrics, stack: Stack) -> str:
 
 def schedule(config: TrainConfig) -> str:
     """'stack' (all models in one vmapped step) or 'sequential' (one model at a time, each
-    with the same program). 'auto' picks sequential on CPU, where vmapping the small matmuls
-    measured 6% slower than running them one after another, and the stack elsewhere."""
+    with the same program). 'auto' picks sequential on CPU, where a vmapped stack of the
+    small batch-128 matmuls measured 5-10% slower than the same models one after another
+    (benchmarks/), and the stack on accelerators, which it keeps busy."""
     if config.schedule != "auto":
         return config.schedule
     return "sequential" if jax.default_backend() == "cpu" else "stack"
