@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="mnist-jax: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax", "orbax"):
+    for noisy in ("absl", "jax", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         if args.command in ("train", "experiment"):
