@@ -161,14 +161,12 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
         return ExperimentConfig(**{"l2": L2, "dropout": DROPOUT, **top,
                                    "train": TrainConfig(**given)})
     saved = load_run_config(args.resume)
-    for key, value in top.items():
-        if getattr(saved, key) != value:
+    pairs = [(key, value, getattr(saved, key)) for key, value in top.items()]
+    pairs += [(key, value, getattr(saved.train, key)) for key, value in given.items()]
+    for key, value, before in pairs:
+        if value != before:
             raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
-                              f"run's {getattr(saved, key)}; leave it out when resuming")
-    for key, value in given.items():
-        if getattr(saved.train, key) != value:
-            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
-                              f"run's {getattr(saved.train, key)}; leave it out when resuming")
+                              f"run's {before}; leave it out when resuming")
     return saved
 
 

@@ -55,12 +55,17 @@ class Variant:
             if unknown:
                 raise ConfigError(f"variant {self.name!r}: {field} names {unknown}; the model's "
                                   f"layers are {list(allowed)}")
-        if not (math.isfinite(self.l2) and self.l2 >= 0):
-            raise ConfigError(f"--l2 {self.l2} (variant {self.name!r}) must be a finite "
-                              "number >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout {self.dropout} (variant {self.name!r}) must lie in "
-                              "[0, 1): it is the fraction of units dropped")
+        check_regularisation(self.l2, self.dropout, f" (variant {self.name!r})")
+
+
+def check_regularisation(l2: float, dropout: float, where: str = "") -> None:
+    """An L2 coefficient must be finite and >= 0, a dropout rate in [0, 1); `where` names the
+    variant in the message, if any."""
+    if not (isinstance(l2, int | float) and math.isfinite(l2) and l2 >= 0):
+        raise ConfigError(f"--l2 {l2!r}{where} must be a finite number >= 0")
+    if not (isinstance(dropout, int | float) and 0.0 <= dropout < 1.0):
+        raise ConfigError(f"--dropout {dropout!r}{where} must lie in [0, 1): it is the fraction "
+                          "of units dropped")
 
 
 L2 = 0.001

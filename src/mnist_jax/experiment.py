@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import shutil
 import signal
 import threading
@@ -19,7 +18,15 @@ import jax
 import numpy as np
 
 from mnist_jax import files, fit, parallel, plots, report, runtime, stats
-from mnist_jax.config import DROPOUT, L2, VARIANTS, TrainConfig, Variant, select_variants
+from mnist_jax.config import (
+    DROPOUT,
+    L2,
+    VARIANTS,
+    TrainConfig,
+    Variant,
+    check_regularisation,
+    select_variants,
+)
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, Interrupted, TrainingDiverged
 from mnist_jax.model import count_params, summary
@@ -46,11 +53,8 @@ class ExperimentConfig:
 
     def validate(self, n_train: int = 60000) -> None:
         """Every setting, before any work starts; raises ConfigError naming the flag."""
-        if not (isinstance(self.l2, int | float) and math.isfinite(self.l2) and self.l2 >= 0):
-            raise ConfigError(f"--l2 {self.l2!r} must be a finite number >= 0")
-        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"--dropout {self.dropout!r} must lie in [0, 1): it is the "
-                              "fraction of units dropped")
+        # Checked here too, since a value no chosen variant uses is still a wrong flag.
+        check_regularisation(self.l2, self.dropout)
         self.resolve()
         self.train.validate(n_train)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
@@ -70,14 +74,16 @@ class ExperimentConfig:
 
 def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """The label distributions and 25 random digits as PNGs; returns their relative paths."""
-    out = Path(out_dir)
-    figures = {
+    return _save_figures({
         "label_distribution": plots.label_distribution(mnist.train_labels, mnist.test_labels),
         "digits": plots.random_digits(mnist.train_images, mnist.train_labels, seed=seed),
-    }
-    paths = {}
-    for key, fig in figures.items():
-        paths[key] = f"{FIGURES}/{key}.png"
+    }, Path(out_dir))
+
+
+def _save_figures(made: Mapping[str, Any], out: Path) -> dict[str, str]:
+    """Each figure as figures/<key>.png under `out`; returns the paths relative to `out`."""
+    paths = {key: f"{FIGURES}/{key}.png" for key in made}
+    for key, fig in made.items():
         plots.save(fig, out / paths[key])
     return paths
 
@@ -156,11 +162,7 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
         true, predicted, title=f"{best} (seed {seed}): test accuracy "
                                f"{np.mean(true == predicted):.2%}")
     made["misclassified"] = plots.misclassified(mnist.test_images, true, predicted)
-    paths = {}
-    for key, fig in made.items():
-        paths[key] = f"{FIGURES}/{key}.png"
-        plots.save(fig, out_dir / paths[key])
-    return paths
+    return _save_figures(made, out_dir)
 
 
 def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, *,
@@ -182,8 +184,9 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     if stack is None:
         stack = fit.new_stack(variants, config.seeds, config.train, len(mnist.train_images))
     devices = config.train.data_parallel
+    n_models = len(config.variants) * len(config.seeds)
     echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
-         f"{len(config.variants) * len(config.seeds)} model(s) with one compiled program, "
+         f"{n_models} model(s) with one compiled program, "
          f"{config.train.epochs} epochs, {fit.schedule(config.train)} schedule; batch "
          f"{config.train.batch_size} on {devices} device(s), "
          f"{config.train.batch_size // devices} per device")
@@ -208,7 +211,7 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
                   "dropout_layers": stack.model.dropout},
         "timing": {"compile_seconds": stack.compile_seconds,
                    "train_seconds": stack.train_seconds,
-                   "models": len(config.variants) * len(config.seeds),
+                   "models": n_models,
                    "schedule": fit.schedule(config.train),
                    "wall_seconds": None},
         "parallel": {"devices": devices, "processes": jax.process_count(),

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from mnist_jax import files
+from mnist_jax.fit import HISTORY_KEYS
 
-CSV_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "cross_entropy",
-               "penalty", "val_cross_entropy")
+CSV_COLUMNS = ("epoch", *HISTORY_KEYS)
 # The original Keras study's single-run test results: (accuracy, loss).
 ORIGINAL = {"baseline": (0.980, 0.1009), "l2": (0.977, 0.1253), "dropout": (0.979, 0.0776),
             "l2_dropout": (0.972, 0.2111)}
