@@ -14,10 +14,10 @@ import jax
 from mnist_jax import runtime
 
 
-def compile_timed(jitted, *args, **static) -> tuple[Any, float]:
+def compile_timed(jitted, *args, compiler_options=None, **static) -> tuple[Any, float]:
     """The compiled executable and the seconds `lower(...).compile()` took."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args, **static).compile()
+    compiled = jitted.lower(*args, **static).compile(compiler_options=compiler_options)
     return compiled, time.perf_counter() - t0
 
 

@@ -37,7 +37,7 @@ def main() -> None:
                   eval_batch_size=config.eval_batch_size,
                   batch_sharding=parallel.batch_sharding(mesh))
     compiled, compile_s = compile_timed(fit._train_epoch, state[0], keys, data, jnp.int32(0),
-                                        **static)
+                                        compiler_options=fit.compiler_options(), **static)
     epoch = [0]
 
     def call():

@@ -48,7 +48,8 @@ def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
     static = dict(model=stack.model, tx=fit.tx_for(config), batch_size=config.batch_size,
                   eval_batch_size=config.eval_batch_size, batch_sharding=None)
     compiled, compile_s = compile_timed(fit._train_epoch, stack.state, stack.keys, data,
-                                        jnp.int32(0), **static)
+                                        jnp.int32(0), compiler_options=fit.compiler_options(),
+                                        **static)
     return stack, compiled, compile_s
 
 

@@ -73,6 +73,8 @@ def test_data_parallel_must_divide_the_batch():
     with pytest.raises(ConfigError, match="this run sees 4 device"):
         parallel.resolve_devices(5)
     assert parallel.resolve_devices("all") == 4
+    with pytest.raises(ConfigError, match="concurrent .* --data-parallel 2 .* sequential or stack"):
+        TrainConfig(data_parallel=2, schedule="concurrent").validate()
 
 
 def test_cli_reports_global_and_per_device_batch(mnist, tmp_path):

@@ -1,6 +1,7 @@
 """Training: loss, penalty, Adam and the epoch against hand-written NumPy and math."""
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -231,10 +232,11 @@ def test_history_parts_add_up(small):
         assert penalty > 0
 
 
-@pytest.mark.parametrize("schedule", ["stack", "sequential"])
+@pytest.mark.parametrize("schedule", ["stack", "sequential", "concurrent"])
 def test_stack_equals_models_trained_alone(small, schedule):
     """Vmapped, a stack matches models trained alone up to float32 summation order; run one
-    model at a time with the same program, it matches them bit for bit."""
+    model at a time with the same program, or several such programs at once from threads,
+    it matches them bit for bit."""
     variants = [VARIANTS[n] for n in VARIANTS]
     stack = fit.train_stack(small, variants, (0, 5), TrainConfig(epochs=1, schedule=schedule),
                             progress=False)
@@ -245,7 +247,7 @@ def test_stack_equals_models_trained_alone(small, schedule):
             alone.model = stack.model
             fit.fit(alone, small, progress=False)
             params = stack.params(name, seed_index)
-            if schedule == "sequential":
+            if schedule in ("sequential", "concurrent"):
                 jax.tree.map(np.testing.assert_array_equal, params, alone.params(name))
                 assert stack.histories[name][seed_index] == alone.histories[name][0]
                 continue
@@ -256,9 +258,41 @@ def test_stack_equals_models_trained_alone(small, schedule):
                                            rtol=1e-4)
 
 
-def test_auto_schedule_is_sequential_on_cpu():
-    assert fit.schedule(TrainConfig()) == "sequential"
+def test_auto_schedule_on_cpu():
+    assert fit.schedule(TrainConfig()) == "concurrent"
+    assert fit.schedule(TrainConfig(data_parallel=2)) == "sequential"
     assert fit.schedule(TrainConfig(schedule="stack")) == "stack"
+    assert 1 <= fit.workers(8) <= 8 and fit.workers(1) == 1
+
+
+def test_concurrent_schedule_runs_models_at_once(small, monkeypatch):
+    """Two workers run two models' programs at the same time: each call waits at a barrier
+    for the other (run one after another, the first would time out there)."""
+    monkeypatch.setattr(fit, "workers", lambda n: min(n, 2))
+    meet = threading.Barrier(2, timeout=30)
+    threads = set()
+    real = fit._train_epoch
+
+    class Spy:
+        def lower(self, *args, **kwargs):
+            compiled = real.lower(*args, **kwargs).compile()
+
+            class Compiled:
+                def compile(self, **options):
+                    return self
+
+                def __call__(self, *a):
+                    threads.add(threading.get_ident())
+                    meet.wait()
+                    return compiled(*a)
+            return Compiled()
+
+    monkeypatch.setattr(fit, "_train_epoch", Spy())
+    monkeypatch.setattr(fit, "_pool", fit._pool.__wrapped__)  # fresh threads for this test
+    variants = [VARIANTS["baseline"], VARIANTS["l2"]]
+    fit.train_stack(small, variants, (0, 1), TrainConfig(epochs=2, schedule="concurrent"),
+                    progress=False)
+    assert len(threads) == 2 and threading.get_ident() not in threads
 
 
 def test_divergence_stops_within_the_epoch_and_names_the_model(small):

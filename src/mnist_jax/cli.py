@@ -43,9 +43,12 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     g.add_argument("--eval-batch-size", type=int, help="evaluation chunk (default 2000)")
     g.add_argument("--data-parallel", default=None, metavar="N|all",
                    help="split each batch over N devices (default 1)")
-    g.add_argument("--schedule", choices=("auto", "stack", "sequential"), default=None,
-                   help="run the models vmapped in one step (stack) or one after another "
-                        "with the same program (default auto: sequential on CPU)")
+    g.add_argument("--schedule", choices=("auto", "stack", "sequential", "concurrent"),
+                   default=None,
+                   help="run the models vmapped in one step (stack), one after another with "
+                        "the same program (sequential), or that program several at once from "
+                        "host threads (concurrent); default auto: concurrent on CPU, stack "
+                        "on accelerators")
     g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
                    help="generator of the dropout masks (default hash: keyed counter hash)")
     r = parser.add_argument_group("output")

@@ -93,6 +93,9 @@ def select_variants(names: Sequence[str], *, l2: float | None = None,
     return tuple(VARIANTS[n].with_values(l2=l2, dropout=dropout) for n in names)
 
 
+SCHEDULES = ("auto", "stack", "sequential", "concurrent")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train: Keras `fit` semantics and Keras's Adam defaults."""
@@ -107,7 +110,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256)
     eval_batch_size: int = 2000
     data_parallel: int = 1
-    schedule: str = "auto"  # models of a stack: 'stack' (vmapped), 'sequential' or 'auto'
+    schedule: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
     dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
 
     def validate(self, n_train: int = 60000) -> None:
@@ -134,8 +137,9 @@ class TrainConfig:
         if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigError(f"hidden sizes {self.hidden!r} must be positive integers")
         integer("--eval-batch-size", self.eval_batch_size, 1)
-        if self.schedule not in ("auto", "stack", "sequential"):
-            raise ConfigError(f"--schedule {self.schedule!r} must be auto, stack or sequential")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r} must be one of "
+                              f"{', '.join(SCHEDULES)}")
         if self.dropout_rng not in ("hash", "threefry"):
             raise ConfigError(f"--dropout-rng {self.dropout_rng!r} must be hash or threefry")
         integer("--data-parallel", self.data_parallel, 1)
@@ -143,6 +147,11 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "
                               f"{self.eval_batch_size} must be multiples of --data-parallel "
                               f"{self.data_parallel}, so each device gets an equal share")
+        if self.schedule == "concurrent" and self.data_parallel > 1:
+            raise ConfigError(f"--schedule concurrent runs several programs at once, which "
+                              f"cannot share devices with --data-parallel "
+                              f"{self.data_parallel} (their collectives could interleave); "
+                              f"use --schedule sequential or stack")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
