@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         suite.epoch(results, splits, peak, max(2, repeats - 2), batch_sizes=sizes)
     if "stacks" not in skip:
         sizes = (1, 2) if quick else ((1, 4, 16, 64, 128) if accelerator else (1, 2, 4, 8))
-        suite.stacks(results, splits, sizes, max(2, repeats - 2))
+        suite.stacks(results, splits, peak, sizes, max(2, repeats - 2))
     ours = None
     if "study" not in skip:
         ours = suite.study(results, args.data_dir, 2 if quick else 20)

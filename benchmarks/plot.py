@@ -33,16 +33,18 @@ def figure(results: Results) -> Figure:
                      title="compiled epoch, baseline (labels: share of the matmul peak)")
         ax_sweep.grid(alpha=0.3)
 
-    for schedule, style in (("vmapped", "o-"), ("sequential", "s--")):
-        rows = sorted(results.find("stack", schedule=schedule), key=lambda r: r["models"])
+    for schedule, style in (("stack", "o-"), ("sequential", "s--"), ("concurrent", "^-")):
+        rows = sorted((r for r in results.find("stack")
+                       if r["schedule"] == schedule or r["models"] == 1),
+                      key=lambda r: r["models"])
         if rows:
             ax_stack.plot([r["models"] for r in rows], [r["samples_per_s"] for r in rows],
                           style, label=schedule)
     sizes = sorted({r["models"] for r in results.find("stack")})
     ax_stack.set(xscale="log", xticks=sizes, xticklabels=[str(n) for n in sizes],
                  xlabel="models trained together",
-                 ylabel="samples / s, all models", title="many models: one vmapped program "
-                 "vs one after another")
+                 ylabel="samples / s, all models", title="many models: vmapped, one after "
+                 "another, or concurrent")
     ax_stack.xaxis.set_minor_locator(NullLocator())
     ax_stack.set_ylim(bottom=0)
     ax_stack.grid(alpha=0.3)

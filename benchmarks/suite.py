@@ -125,35 +125,41 @@ def regularisation_costs(results: Results) -> None:
                         ratio=record["min_s"] / base[0]["min_s"])
 
 
-def stacks(results: Results, splits: fit.Splits, sizes, repeats: int) -> None:
-    """N models (seeds) in one vmapped program against the same N run one after another."""
+def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: int,
+           schedules=("stack", "sequential", "concurrent")) -> None:
+    """N models trained together, per schedule: one vmapped program ('stack'), the
+    single-model program once per model ('sequential'), or those programs several at once
+    from host threads ('concurrent', the CPU default). Models 1..N are the study's variants
+    (then seeds), training epochs only, timed as `fit` runs them (slicing and merging the
+    stack included); FLOP utilisation counts every model's matmuls."""
     data = _train_only(splits)
     n = len(splits.train_images)
-    variant = VARIANTS["dropout"]
-    _, single, _ = _epoch_program([variant], (0,), TrainConfig(), data)
+    names = list(VARIANTS)
     for size in sizes:
-        seeds = tuple(range(size))
-        stack, compiled, compile_s = _epoch_program([variant], seeds, TrainConfig(), data)
-        t = _run_epochs(stack, compiled, data, repeats)
-        results.add("stack", schedule="vmapped", models=size, compile_s=compile_s,
-                    samples_per_s=size * n / t["min_s"],
-                    samples_per_s_per_model=n / t["min_s"], **t)
-        cells = [fit._cell(stack.state, s, 0) for s in range(size)]
-        cell_keys = [fit.RunKeys(stack.keys.shuffle[s:s + 1], stack.keys.dropout[s:s + 1])
-                     for s in range(size)]
-        epoch_number = [0]
+        variants = [VARIANTS[names[i % len(names)]] for i in range(min(size, len(names)))]
+        seeds = tuple(range(-(-size // len(variants))))
+        models = len(variants) * len(seeds)
+        for schedule in schedules if models > 1 else ("sequential",):
+            config = TrainConfig(schedule=schedule)
+            stack = fit.new_stack(variants, seeds, config, 60000)
+            t0 = time.perf_counter()
+            run = fit._epoch_runner(stack, stack.state, stack.keys, data, None)
+            compile_s = time.perf_counter() - t0
+            state, epoch_number = [jax.tree.map(jnp.copy, stack.state)], [0]
 
-        def call(cells=cells, cell_keys=cell_keys, epoch_number=epoch_number):
-            for s in range(len(cells)):
-                cells[s], metrics = single(cells[s], cell_keys[s], data,
-                                           jnp.int32(epoch_number[0]))
-            epoch_number[0] += 1
-            return metrics
+            def call(run=run, state=state, epoch_number=epoch_number):
+                state[0], metrics = run(state[0], jnp.int32(epoch_number[0]))
+                epoch_number[0] += 1
+                return metrics
 
-        t = time_calls(call, repeats)
-        results.add("stack", schedule="sequential", models=size,
-                    samples_per_s=size * n / t["min_s"],
-                    samples_per_s_per_model=n / t["min_s"], **t)
+            t = time_calls(call, repeats)
+            samples_per_s = models * n / t["min_s"]
+            gflops = samples_per_s * train_flops_per_sample() / 1e9
+            results.add("stack", schedule=schedule, models=models,
+                        workers=fit.workers(models) if schedule == "concurrent" else 1,
+                        compile_s=compile_s, samples_per_s=samples_per_s,
+                        samples_per_s_per_model=samples_per_s / models, gflop_per_s=gflops,
+                        flop_utilisation=gflops / peak, **t)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 3600,

@@ -34,6 +34,8 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     epochs = [r for r in results["records"] if r["name"] == "epoch"]
     assert {r["batch"] for r in epochs} >= {128, 1024}
     assert all(0 < r["flop_utilisation"] for r in epochs)
+    stacks = {(r["schedule"], r["models"]) for r in results["records"] if r["name"] == "stack"}
+    assert stacks == {("sequential", 1), ("stack", 2), ("sequential", 2), ("concurrent", 2)}
     study = {r["run"]: r for r in results["records"] if r["name"] == "study"}
     assert set(study) == {"cold_cache", "warm_cache"}
     assert study["warm_cache"]["test_accuracy"] == study["cold_cache"]["test_accuracy"]
