@@ -137,20 +137,3 @@ def test_flop_counts_by_hand():
     assert forward_flops_per_sample() == forward == 537_600
     # backward: weight gradients (as much as forward) + input gradients of layers 2 and 3
     assert train_flops_per_sample() == 2 * forward + 2 * (256 * 256 + 256 * 10) == 1_211_392
-
-
-@pytest.mark.parametrize("n", [10, 16, 3])
-def test_narrow_matmul_gradients_match_numpy(n):
-    """The logits layer's hand-written backward pass: dx = g w^T, dw = x^T g, also vmapped."""
-    from mnist_jax.model import _narrow_matmul
-
-    rng = np.random.default_rng(n)
-    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((32, 24), (24, n), (32, n)))
-    y, vjp = jax.vjp(_narrow_matmul, x, w)
-    dx, dw = vjp(jnp.asarray(g))
-    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, x.T @ g, rtol=1e-5, atol=1e-5)
-    xs, ws = np.stack([x, 2 * x]), np.stack([w, -w])
-    dws = jax.vmap(jax.grad(lambda a, b: jnp.sum(_narrow_matmul(a, b) * g), 1))(xs, ws)
-    np.testing.assert_allclose(dws, np.einsum("vbk,bn->vkn", xs, g), rtol=1e-5, atol=1e-4)

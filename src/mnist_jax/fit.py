@@ -1,8 +1,9 @@
 """The host side of training: data on the device once, a stack of models, the epoch loop.
 
 `train` fits one model and `train_stack` many (seeds x variants) with one compiled program;
-both compile once (timed apart), then make one device call per epoch (per model, with the
-sequential schedule), reading back only that epoch's metrics for the history and the bar.
+both compile once (timed apart), then make one device call per epoch (per model with the
+sequential and concurrent schedules, several at once with the latter), reading back only that
+epoch's metrics for the history and the bar.
 """
 
 from __future__ import annotations
@@ -173,9 +174,10 @@ def schedule(config: TrainConfig) -> str:
     'stack': all models in one vmapped step. 'sequential': one model at a time, each with the
     same single-model program. 'concurrent': the same programs, several at once from host
     threads (one per CPU core, `workers`), each model's numbers bit for bit those of
-    'sequential'. 'auto' picks concurrent on CPU (a lone batch-128 step keeps two cores only
-    ~60% busy; two models at once measured 1.56x the throughput of one after another, while a
-    vmapped stack measured 5-10% slower, see benchmarks/), sequential on CPU with
+    'sequential'. 'auto' picks concurrent on CPU (a lone batch-128 step cannot keep two cores
+    busy: 1.3 ms on one core, 1.0 ms on two; two to eight models at once measured 1.44-1.48x
+    the throughput of one after another, while a vmapped stack was no faster than one after
+    another, see benchmarks/), sequential on CPU with
     --data-parallel (concurrent programs' collectives could interleave), and the stack on
     accelerators, which it keeps busy.
     """
@@ -232,7 +234,8 @@ def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochDat
     compiled = compile_epoch(_cell(state, 0, 0), seed_keys(0), data, epoch0, **static)
 
     cells = [(s, v) for s in range(n_seeds) for v in range(n_variants)]
-    pool = (_pool(workers(len(cells))) if schedule(config) == "concurrent" else None)
+    threads = workers(len(cells)) if schedule(config) == "concurrent" else 1
+    pool = _pool(threads) if threads > 1 else None
 
     def call_all(state, epoch):
         # Every cell is sliced first (its epoch donates the slice). From the pool, each

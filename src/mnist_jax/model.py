@@ -43,37 +43,6 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], rng: str = "hash") -> ja
     return _lowbias32(_lowbias32(counter ^ seed[0]) ^ seed[1])
 
 
-@jax.custom_vjp
-def _narrow_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w for a kernel with few output columns (the logits layer), differentiated by hand:
-    XLA:CPU runs the kernel gradient x.T @ g (256 x B x 10) twenty times below peak, while
-    (g padded to 16 columns).T @ x is a well-shaped matmul, ~4x faster (benchmarks/)."""
-    return x @ w
-
-
-def _narrow_matmul_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _narrow_matmul_bwd(res, g):
-    x, w = res
-    n = w.shape[1]
-    g_padded = jnp.pad(g, ((0, 0), (0, -n % 16)))
-    return g @ w.T, (g_padded.T @ x)[:n].T
-
-
-_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
-
-
-def _narrow_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                        preferred_element_type=None):
-    """nn.Dense's dot_general, routed to `_narrow_matmul` for a (B, K) x (K, N) product."""
-    if lhs.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ())):
-        return _narrow_matmul(lhs, rhs)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                               preferred_element_type=preferred_element_type)
-
-
 class Dropout(nn.Module):
     """Inverted dropout whose rate is a traced value, so one compiled program serves any rate.
 
@@ -117,8 +86,7 @@ class MLP(nn.Module):
             x = nn.relu(x)
             if self.dropout and train:
                 x = Dropout(rng=self.dropout_rng, name=f"dropout_{i + 1}")(x, dropout_rates[i])
-        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name=names[-1],
-                        dot_general=_narrow_dot_general)(x)
+        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name=names[-1])(x)
 
 
 def train_flops_per_sample(hidden: tuple[int, ...] = (256, 256), input_dim: int = 784,
