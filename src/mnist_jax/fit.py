@@ -132,7 +132,7 @@ _train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
 def compiler_options() -> dict[str, bool]:
     """XLA options for the epoch program. On CPU, copy insertion with region analysis lets the
     step loop update the weights in place; without it XLA copied W1 and W2 every step
-    (measured: 5% of a lone model's step, 9% of the sequential schedule's)."""
+    (measured: 6% of a lone model's step)."""
     if jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_copy_insertion_use_region_analysis": True}
@@ -175,11 +175,10 @@ def schedule(config: TrainConfig) -> str:
     same single-model program. 'concurrent': the same programs, several at once from host
     threads (one per CPU core, `workers`), each model's numbers bit for bit those of
     'sequential'. 'auto' picks concurrent on CPU (a lone batch-128 step cannot keep two cores
-    busy: 1.3 ms on one core, 1.0 ms on two; two to eight models at once measured 1.44-1.48x
-    the throughput of one after another, while a vmapped stack was no faster than one after
-    another, see benchmarks/), sequential on CPU with
-    --data-parallel (concurrent programs' collectives could interleave), and the stack on
-    accelerators, which it keeps busy.
+    busy: 1.3 ms on one core, 1.0 ms on two; two to eight models at once measured 1.47x
+    the throughput of one after another, a vmapped stack 0.8-1.07x, see benchmarks/),
+    sequential on CPU with --data-parallel (concurrent programs' collectives could
+    interleave), and the stack on accelerators, which it keeps busy.
     """
     if config.schedule != "auto":
         return config.schedule
