@@ -10,15 +10,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mnist_jax import runtime
 
 
-def compile_timed(jitted, *args, compiler_options=None, **static) -> tuple[Any, float]:
-    """The compiled executable and the seconds `lower(...).compile()` took."""
+def timed(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
+    """`fn(*args, **kwargs)` and the seconds it took (for compilation, timed apart)."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args, **static).compile(compiler_options=compiler_options)
-    return compiled, time.perf_counter() - t0
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def compile_timed(jitted, *args, **static) -> tuple[Any, float]:
+    """The compiled executable and the seconds `lower(...).compile()` took."""
+    return timed(lambda: jitted.lower(*args, **static).compile())
 
 
 def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
@@ -32,6 +38,20 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[s
         times.append(time.perf_counter() - t0)
     return {"min_s": min(times), "median_s": statistics.median(times), "repeats": repeats,
             "times_s": times}
+
+
+def time_epochs(run: Callable[[Any, jax.Array], tuple[Any, Any]], state: Any,
+                repeats: int) -> dict[str, Any]:
+    """`time_calls` of whole epochs, `run(state, epoch) -> (state, metrics)` as `fit` runs
+    them, carrying the state from one epoch to the next (a copy: an epoch donates it)."""
+    carry, epoch = [jax.tree.map(jnp.copy, state)], [0]
+
+    def call():
+        carry[0], metrics = run(carry[0], jnp.int32(epoch[0]))
+        epoch[0] += 1
+        return metrics
+
+    return time_calls(call, repeats)
 
 
 def device() -> dict[str, Any]:

@@ -19,9 +19,8 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
     import jax
-    import jax.numpy as jnp
 
-    from benchmarks.harness import compile_timed, time_calls
+    from benchmarks.harness import time_epochs, timed
     from mnist_jax import fit, parallel
     from mnist_jax.config import VARIANTS, TrainConfig
     from mnist_jax.data import load_mnist
@@ -31,21 +30,10 @@ def main() -> None:
     stack = fit.new_stack([VARIANTS["dropout"]], (0,), config)
     mesh = parallel.data_mesh(args.data_parallel)
     data = fit.epoch_data(splits, mesh)
-    state = [parallel.put(stack.state, mesh)]
+    state = parallel.put(stack.state, mesh)
     keys = parallel.put(stack.keys, mesh)
-    static = dict(model=stack.model, tx=fit.tx_for(config), batch_size=config.batch_size,
-                  eval_batch_size=config.eval_batch_size,
-                  batch_sharding=parallel.batch_sharding(mesh))
-    compiled, compile_s = compile_timed(fit._train_epoch, state[0], keys, data, jnp.int32(0),
-                                        compiler_options=fit.compiler_options(), **static)
-    epoch = [0]
-
-    def call():
-        state[0], metrics = compiled(state[0], keys, data, jnp.int32(epoch[0]))
-        epoch[0] += 1
-        return metrics
-
-    t = time_calls(call, args.repeats)
+    run, compile_s = timed(fit._epoch_runner, stack, state, keys, data, mesh)
+    t = time_epochs(run, state, args.repeats)
     n = len(splits.train_images) + len(splits.val_images)
     print(json.dumps({"devices": jax.device_count(), "data_parallel": args.data_parallel,
                       "global_batch": config.batch_size,

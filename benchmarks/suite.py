@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import Results, compile_timed, time_calls
+from benchmarks.harness import Results, compile_timed, time_calls, time_epochs, timed
 from mnist_jax import fit
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.model import train_flops_per_sample
@@ -44,26 +44,10 @@ def _train_only(splits: fit.Splits) -> EpochData:
 
 
 def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
+    """A fresh stack and its epoch runner, compiled as `fit` compiles it (timed apart)."""
     stack = fit.new_stack(variants, seeds, config, 60000)
-    static = dict(model=stack.model, tx=fit.tx_for(config), batch_size=config.batch_size,
-                  eval_batch_size=config.eval_batch_size, batch_sharding=None)
-    compiled, compile_s = compile_timed(fit._train_epoch, stack.state, stack.keys, data,
-                                        jnp.int32(0), compiler_options=fit.compiler_options(),
-                                        **static)
-    return stack, compiled, compile_s
-
-
-def _run_epochs(stack, compiled, data, repeats):
-    """Times whole compiled epochs (training only), carrying the state from one to the next."""
-    state = [jax.tree.map(jnp.copy, stack.state)]  # the epoch donates it
-    epoch = [0]
-
-    def call():
-        state[0], metrics = compiled(state[0], stack.keys, data, jnp.int32(epoch[0]))
-        epoch[0] += 1
-        return metrics
-
-    return time_calls(call, repeats)
+    run, compile_s = timed(fit._epoch_runner, stack, stack.state, stack.keys, data, None)
+    return stack, run, compile_s
 
 
 def epoch(results: Results, splits: fit.Splits, peak: float, repeats: int,
@@ -76,9 +60,8 @@ def epoch(results: Results, splits: fit.Splits, peak: float, repeats: int,
         for name in variants:
             for rng in rngs if VARIANTS[name].dropout else ("hash",):
                 config = TrainConfig(batch_size=batch, dropout_rng=rng)
-                stack, compiled, compile_s = _epoch_program([VARIANTS[name]], (0,), config,
-                                                            data)
-                t = _run_epochs(stack, compiled, data, repeats)
+                stack, run, compile_s = _epoch_program([VARIANTS[name]], (0,), config, data)
+                t = time_epochs(run, stack.state, repeats)
                 steps = -(-n // batch)
                 results.add("epoch", variant=name, dropout_rng=rng, batch=batch,
                             samples_per_s=n / t["min_s"], ms_per_step=1e3 * t["min_s"] / steps,
@@ -140,19 +123,9 @@ def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: in
         seeds = tuple(range(-(-size // len(variants))))
         models = len(variants) * len(seeds)
         for schedule in schedules if models > 1 else ("sequential",):
-            config = TrainConfig(schedule=schedule)
-            stack = fit.new_stack(variants, seeds, config, 60000)
-            t0 = time.perf_counter()
-            run = fit._epoch_runner(stack, stack.state, stack.keys, data, None)
-            compile_s = time.perf_counter() - t0
-            state, epoch_number = [jax.tree.map(jnp.copy, stack.state)], [0]
-
-            def call(run=run, state=state, epoch_number=epoch_number):
-                state[0], metrics = run(state[0], jnp.int32(epoch_number[0]))
-                epoch_number[0] += 1
-                return metrics
-
-            t = time_calls(call, repeats)
+            stack, run, compile_s = _epoch_program(variants, seeds,
+                                                   TrainConfig(schedule=schedule), data)
+            t = time_epochs(run, stack.state, repeats)
             samples_per_s = models * n / t["min_s"]
             gflops = samples_per_s * train_flops_per_sample() / 1e9
             results.add("stack", schedule=schedule, models=models,

@@ -227,27 +227,22 @@ def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochDat
         compiled = compile_epoch(state, keys, data, epoch0, **static)
         return lambda state, epoch: compiled(state, keys, data, epoch)
 
-    def seed_keys(s):
-        return RunKeys(keys.shuffle[s:s + 1], keys.dropout[s:s + 1])
-
-    compiled = compile_epoch(_cell(state, 0, 0), seed_keys(0), data, epoch0, **static)
-
-    cells = [(s, v) for s in range(n_seeds) for v in range(n_variants)]
-    threads = workers(len(cells)) if schedule(config) == "concurrent" else 1
+    seed_keys = [RunKeys(keys.shuffle[s:s + 1], keys.dropout[s:s + 1]) for s in range(n_seeds)]
+    compiled = compile_epoch(_cell(state, 0, 0), seed_keys[0], data, epoch0, **static)
+    threads = workers(n_seeds * n_variants) if schedule(config) == "concurrent" else 1
     pool = _pool(threads) if threads > 1 else None
 
-    def call_all(state, epoch):
+    def run(state, epoch):
         # Every cell is sliced first (its epoch donates the slice). From the pool, each
         # thread runs one model's program and waits for it, so the programs overlap.
-        inputs = [(_cell(state, s, v), seed_keys(s)) for s, v in cells]
+        inputs = [(_cell(state, s, v), seed_keys[s])
+                  for s in range(n_seeds) for v in range(n_variants)]
         if pool is None:
-            return [compiled(cell, k, data, epoch) for cell, k in inputs]
-        futures = [pool.submit(lambda cell=cell, k=k: jax.block_until_ready(
-            compiled(cell, k, data, epoch))) for cell, k in inputs]
-        return [f.result() for f in futures]
-
-    def run(state, epoch):
-        out = call_all(state, epoch)
+            out = [compiled(cell, k, data, epoch) for cell, k in inputs]
+        else:
+            futures = [pool.submit(lambda cell=cell, k=k: jax.block_until_ready(
+                compiled(cell, k, data, epoch))) for cell, k in inputs]
+            out = [f.result() for f in futures]
         grid = [out[s * n_variants:(s + 1) * n_variants] for s in range(n_seeds)]
         return (_merge([[c[0] for c in row] for row in grid]),
                 _merge([[c[1] for c in row] for row in grid]))
