@@ -237,8 +237,8 @@ def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochDat
         # thread runs one model's program and waits for it, so the programs overlap.
         inputs = [(_cell(state, s, v), seed_keys[s])
                   for s in range(n_seeds) for v in range(n_variants)]
-        if pool is None:
-            out = [compiled(cell, k, data, epoch) for cell, k in inputs]
+        if pool is None:  # one finished before the next starts: collectives never overlap
+            out = [jax.block_until_ready(compiled(cell, k, data, epoch)) for cell, k in inputs]
         else:
             futures = [pool.submit(lambda cell=cell, k=k: jax.block_until_ready(
                 compiled(cell, k, data, epoch))) for cell, k in inputs]
