@@ -19,13 +19,32 @@ def saved(fig, path):
     return image
 
 
+def captions(fig):
+    return [text.get_text() for ax in fig.axes for text in ax.texts]
+
+
+def test_digit_grid_places_each_image_under_its_caption():
+    images = np.zeros((6, 28, 28), np.uint8)
+    for i in range(6):
+        images[i, i, :] = 255 - i  # a different row lit in each digit
+    fig = plots.digit_grid(images, np.arange(6), rows=2, cols=3)
+    canvas = fig.axes[0].get_images()[0].get_array()
+    for i, text in enumerate(fig.axes[0].texts):
+        x, y = text.get_position()  # the caption's bottom centre, just above the digit
+        left, top = int(x - 14), int(y + 1)
+        np.testing.assert_array_equal(canvas[top:top + 28, left:left + 28], images[i])
+        assert text.get_text() == f"label {i}"
+    assert canvas.sum() == images.astype(np.int64).sum(), "a digit drawn twice or lost"
+
+
 def test_label_distribution_and_digits(mnist, tmp_path):
     saved(plots.label_distribution(mnist.train_labels, mnist.test_labels), tmp_path / "l.png")
     fig = plots.random_digits(mnist.train_images, mnist.train_labels, seed=1)
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    titles = captions(fig)
     assert len(titles) == 25 and all(t.startswith("label ") for t in titles)
-    again = plots.random_digits(mnist.train_images, mnist.train_labels, seed=1)
-    assert titles == [ax.get_title() for ax in again.axes if ax.get_title()]
+    idx = np.random.default_rng(1).choice(len(mnist.train_images), size=25, replace=False)
+    assert titles == [f"label {label}" for label in mnist.train_labels[idx]]
+    assert titles == captions(plots.random_digits(mnist.train_images, mnist.train_labels, seed=1))
     saved(fig, tmp_path / "d.png")
 
 
@@ -60,7 +79,7 @@ def test_confusion_and_misclassified_figures(mnist, tmp_path):
     pred[::7] = (pred[::7] + 1) % 10
     saved(plots.confusion(true, pred), tmp_path / "cm.png")
     fig = plots.misclassified(mnist.test_images[:200], true, pred)
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    titles = captions(fig)
     assert titles[0] == f"{true[0]} → {pred[0]}" and len(titles) == 25
     saved(fig, tmp_path / "mis.png")
 
