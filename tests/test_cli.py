@@ -1,11 +1,12 @@
-"""The `mnist-jax` command as a user runs it: a real subprocess."""
+"""The `mnist-jax` command as a user runs it: a real subprocess (or, where only its files and
+messages matter, its entry point in this process, with no process start-up to pay)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from mnist_jax import idx
+from mnist_jax import cli, idx
 
 from conftest import cli_env
 
@@ -13,6 +14,22 @@ from conftest import cli_env
 def run_cli(*args, check=True, timeout=600, **env):
     done = subprocess.run([sys.executable, "-m", "mnist_jax.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=cli_env(**env))
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`mnist-jax ARGS` through `cli.main` in this process (its four test devices); the
+    persistent compilation cache stays off here, so pass --no-compilation-cache to train."""
+    argv = [str(a) for a in args]
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["mnist-jax", *argv], code, out, err)
+
+
+def run_main(capsys, *args, check=True) -> subprocess.CompletedProcess:
+    done = in_process(capsys, *args)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
     return done

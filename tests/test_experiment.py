@@ -11,7 +11,7 @@ import pytest
 from mnist_jax import report
 from mnist_jax.config import VARIANTS
 
-from test_cli import run_cli
+from test_cli import run_cli, run_main
 
 FIGURES = ["label_distribution", "digits", "comparison", "confusion", "misclassified"]
 
@@ -77,15 +77,15 @@ def test_report_embeds_every_figure(one_epoch):
     assert "Best variant" in text and "98.0% (0.1009)" in text
 
 
-def test_train_one_variant_and_eda(mnist, tmp_path):
+def test_train_one_variant_and_eda(mnist, tmp_path, capsys):
     out = tmp_path / "dropout"
-    run_cli("train", "--variant", "dropout", "--epochs", 1, "--out", out,
-            "--data-dir", mnist.cache_dir, "--no-compilation-cache", "--quiet")
+    run_main(capsys, "train", "--variant", "dropout", "--epochs", 1, "--out", out,
+             "--data-dir", mnist.cache_dir, "--no-compilation-cache", "--quiet")
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["dropout"]
     assert (out / "history_dropout.csv").exists() and (out / "figures/curves_dropout.png").exists()
     eda = tmp_path / "eda"
-    run_cli("eda", "--out", eda, "--data-dir", mnist.cache_dir, "--quiet")
+    run_main(capsys, "eda", "--out", eda, "--data-dir", mnist.cache_dir, "--quiet")
     assert sorted(p.name for p in (eda / "figures").iterdir()) == ["digits.png",
                                                                    "label_distribution.png"]
 
@@ -102,10 +102,11 @@ def test_full_study_reaches_the_original_accuracy(mnist, tmp_path):
     assert all(len(v["history"]["loss"]) == 20 for v in metrics["variants"].values())
 
 
-def test_seeds_give_statistics_and_intervals(mnist, tmp_path):
+def test_seeds_give_statistics_and_intervals(mnist, tmp_path, capsys):
     out = tmp_path / "seeds"
-    run_cli("experiment", "--variants", "baseline,dropout", "--seeds", "0-2", "--epochs", 1,
-            "--out", out, "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
+    run_main(capsys, "experiment", "--variants", "baseline,dropout", "--seeds", "0-2",
+             "--epochs", 1, "--out", out, "--data-dir", mnist.cache_dir, "--quiet",
+             "--no-compilation-cache")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["seeds"] == [0, 1, 2] and metrics["timing"]["models"] == 6
     for name, v in metrics["variants"].items():

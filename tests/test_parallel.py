@@ -17,7 +17,7 @@ from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import ConfigError
 
 from conftest import cli_env
-from test_cli import run_cli
+from test_cli import run_cli, run_main
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,11 @@ def test_data_parallel_must_divide_the_batch():
         TrainConfig(data_parallel=2, schedule="concurrent").validate()
 
 
-def test_cli_reports_global_and_per_device_batch(mnist, tmp_path):
+def test_cli_reports_global_and_per_device_batch(mnist, tmp_path, capsys):
     out = tmp_path / "run"
-    run_cli("train", "--variant", "baseline", "--epochs", 1, "--data-parallel", "all",
-            "--out", out, "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache",
-            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert len(jax.devices()) == 4  # this process's forced host devices
+    run_main(capsys, "train", "--variant", "baseline", "--epochs", 1, "--data-parallel", "all",
+             "--out", out, "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["parallel"] == {"devices": 4, "processes": 1, "global_batch": 128,
                                    "per_device_batch": 32}

@@ -11,11 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mnist_jax import checkpoint, files, fit
+from mnist_jax import checkpoint, cli, files, fit
 from mnist_jax.config import VARIANTS, TrainConfig
 
 from conftest import cli_env
-from test_cli import run_cli
+from test_cli import run_cli, run_main
 
 ARGS = ("train", "--variant", "dropout", "--epochs", 4)
 
@@ -161,7 +161,7 @@ BAD_SETTINGS = [
     (("--seeds", "0,x"), "--seeds '0,x' must be integers"),
     (("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
     (("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
-    (("--data-parallel", "2"), "--data-parallel 2: this run sees 1 device(s)"),
+    (("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
     (("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
     (("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not exist"),
     (("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run there"),
@@ -169,35 +169,47 @@ BAD_SETTINGS = [
 
 
 @pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
-def test_bad_settings_fail_at_once_with_the_flag_and_range(tmp_path, args, message):
+def test_bad_settings_fail_at_once_with_the_flag_and_range(tmp_path, capsys, args, message):
+    # In this process (its four test devices), through the CLI's own entry point; the
+    # process boundary is checked once below.
     out = tmp_path / "out"
-    extra = () if "--resume" in args else ("--out", out)
-    done = run_cli("experiment", *args, *extra, check=False, timeout=60)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert done.stderr.startswith("mnist-jax: error: ") and "Traceback" not in done.stderr
+    extra = () if "--resume" in args else ("--out", str(out))
+    assert cli.main(["experiment", *args, *extra, "--no-compilation-cache"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("mnist-jax: error: ") and "Traceback" not in err
     assert not out.exists(), "work started before the settings were checked"
 
 
-def test_an_existing_run_is_never_overwritten_by_accident(mnist, tmp_path, env):
+def test_a_bad_setting_exits_the_process_with_2_and_no_traceback(tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("experiment", "--dropout", "1.5", "--out", out, check=False, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("mnist-jax: error: --dropout 1.5 must lie in [0, 1)")
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_an_existing_run_is_never_overwritten_by_accident(mnist, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ("--epochs", 1, "--out", out, "--data-dir", mnist.cache_dir, "--quiet")
-    run_cli("train", "--variant", "baseline", *common, **env)
+    common = ("--epochs", 1, "--out", out, "--data-dir", mnist.cache_dir, "--quiet",
+              "--no-compilation-cache")
+    run_main(capsys, "train", "--variant", "baseline", *common)
     before = (out / "metrics.json").read_bytes()
-    done = run_cli("experiment", *common, check=False, **env)
+    done = run_main(capsys, "experiment", *common, check=False)
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert "--overwrite" in done.stderr and (out / "metrics.json").read_bytes() == before
-    run_cli("train", "--variant", "l2", *common, "--overwrite", **env)
+    run_main(capsys, "train", "--variant", "l2", *common, "--overwrite")
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["l2"]
     assert not (out / "history_baseline.csv").exists()
 
 
-def test_resume_refuses_other_settings(mnist, tmp_path, env):
+def test_resume_refuses_other_settings(mnist, tmp_path, capsys):
     out = tmp_path / "run"
-    run_cli("train", "--variant", "baseline", "--epochs", 1, "--out", out, "--data-dir",
-            mnist.cache_dir, "--quiet", **env)
-    done = run_cli("experiment", "--resume", out, "--epochs", 2, check=False)
+    run_main(capsys, "train", "--variant", "baseline", "--epochs", 1, "--out", out,
+             "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
+    done = run_main(capsys, "experiment", "--resume", out, "--epochs", 2,
+                    "--no-compilation-cache", check=False)
     assert done.returncode == 2 and "--epochs 2 differs from the resumed run's 1" in done.stderr
 
 

@@ -329,3 +329,16 @@ def test_epoch_updates_the_weights_in_place(small):
     assert re.search(copies, plain.compile().as_text())  # the pattern does find them
     tuned = fit.compile_epoch(stack.state, stack.keys, data, jnp.int32(0), **static)
     assert not re.search(copies, tuned.as_text())
+
+
+def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
+    """Compiled once per process: another seed, variant or learning rate reuses the program;
+    another batch size (other shapes) compiles its own."""
+    before = fit._program_slot.cache_info()
+    a = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=80), progress=False)
+    b = fit.train(small, "baseline", TrainConfig(epochs=1, batch_size=80, learning_rate=3e-3),
+                  seed=7, progress=False)
+    c = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=112), progress=False)
+    after = fit._program_slot.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (2, 1)
+    assert a.history["loss"] != b.history["loss"] != c.history["loss"]
