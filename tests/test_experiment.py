@@ -54,6 +54,7 @@ def test_metrics_json_contract(one_epoch, mnist):
     assert metrics["config"]["train"]["epochs"] == 1
     assert metrics["environment"]["versions"]["jax"]
     assert metrics["environment"]["device"]["platform"] == "cpu"
+    assert metrics["environment"]["cpu"]["cores"] >= 1 and metrics["environment"]["cpu"]["model"]
     assert metrics["data"]["sha256"] == dict(mnist.sha256)
     assert (metrics["data"]["train"], metrics["data"]["validation"]) == (42000, 18000)
     assert metrics["model"]["parameters"] == 269322

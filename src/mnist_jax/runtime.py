@@ -42,6 +42,33 @@ def environment() -> dict[str, Any]:
             versions[package] = None
     device = jax.devices()[0]
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions,
+            "cpu": cpu(), "versions": versions,
             "device": {"platform": device.platform, "kind": device.device_kind,
                        "count": jax.device_count(), "processes": jax.process_count()}}
+
+
+def cpu() -> dict[str, Any]:
+    """The host CPU: model name, cores this process may use, and the vector and matrix
+    extensions that set XLA:CPU's speed (CPU timings mean little without them)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() in ("cpu family", "model"):  # names what a cloud hides
+                    ids[key.strip()] = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model from platform only
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    family = " ".join(f"{k} {v}" for k, v in ids.items())
+    return {"model": model, "family": family, "cores": cores,
+            "extensions": [x for x in wanted if x in flags]}
