@@ -106,10 +106,10 @@ def test_ctrl_c_checkpoints_explains_and_resumes(mnist, tmp_path, env, reference
     assert_same_run(out, reference)
 
 
-def test_divergence_exits_non_zero_and_keeps_nothing_bad(mnist, tmp_path, env):
+def test_divergence_exits_non_zero_and_keeps_nothing_bad(mnist, tmp_path, capsys):
     out = tmp_path / "run"
-    done = run_cli("experiment", "--lr", "1e3", "--epochs", 2, "--out", out, "--data-dir",
-                   mnist.cache_dir, check=False, **env)
+    done = run_main(capsys, "experiment", "--lr", "1e3", "--epochs", 2, "--out", out,
+                    "--data-dir", mnist.cache_dir, "--no-compilation-cache", check=False)
     assert done.returncode == 3, done.stderr
     assert "diverged" in done.stderr and "epoch 1, step" in done.stderr
     assert "variant 'baseline'" in done.stderr and "Traceback" not in done.stderr
