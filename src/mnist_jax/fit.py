@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mnist_jax import parallel, preprocessing
+from mnist_jax import parallel, preprocessing, runtime
 from mnist_jax.config import VARIANTS, TrainConfig, Variant
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, TrainingDiverged
@@ -153,11 +152,11 @@ def compile_epoch(*args, **static):
     leaves, treedef = jax.tree.flatten(args)
     specs = tuple((x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)
                   for x in leaves)
+    options = compiler_options()
     slot = _program_slot((_train_epoch, treedef, specs, tuple(sorted(static.items())),
-                          tuple(sorted(compiler_options().items()))))
+                          tuple(sorted(options.items()))))
     if not slot:  # lowered from the arrays themselves: uncommitted ones may follow a mesh
-        slot.append(_train_epoch.lower(*args, **static).compile(
-            compiler_options=compiler_options()))
+        slot.append(_train_epoch.lower(*args, **static).compile(compiler_options=options))
     return slot[0]
 
 
@@ -213,11 +212,7 @@ def schedule(config: TrainConfig) -> str:
 
 def workers(n_models: int) -> int:
     """Host threads of the concurrent schedule: one per CPU core this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(n_models, cores))
+    return max(1, min(n_models, runtime.usable_cores()))
 
 
 @functools.cache

@@ -47,13 +47,17 @@ def environment() -> dict[str, Any]:
                        "count": jax.device_count(), "processes": jax.process_count()}}
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu() -> dict[str, Any]:
     """The host CPU: model name, cores this process may use, and the vector and matrix
     extensions that set XLA:CPU's speed (CPU timings mean little without them)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count()
     model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -70,5 +74,5 @@ def cpu() -> dict[str, Any]:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     family = " ".join(f"{k} {v}" for k, v in ids.items())
-    return {"model": model, "family": family, "cores": cores,
+    return {"model": model, "family": family, "cores": usable_cores(),
             "extensions": [x for x in wanted if x in flags]}
