@@ -19,17 +19,14 @@ def run_cli(*args, check=True, timeout=600, **env):
     return done
 
 
-def in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`mnist-jax ARGS` through `cli.main` in this process (its four test devices); the
-    persistent compilation cache stays off here, so pass --no-compilation-cache to train."""
+def run_main(capsys, *args, check=True) -> subprocess.CompletedProcess:
+    """`mnist-jax ARGS` through `cli.main` in this process (its four test devices), as
+    `run_cli` reports a subprocess; keep the persistent compilation cache off here
+    (--no-compilation-cache for train and experiment): it would stay on for every test."""
     argv = [str(a) for a in args]
     code = cli.main(argv)
     out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["mnist-jax", *argv], code, out, err)
-
-
-def run_main(capsys, *args, check=True) -> subprocess.CompletedProcess:
-    done = in_process(capsys, *args)
+    done = subprocess.CompletedProcess(["mnist-jax", *argv], code, out, err)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
     return done

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mnist_jax import checkpoint, cli, files, fit
+from mnist_jax import checkpoint, files, fit
 from mnist_jax.config import VARIANTS, TrainConfig
 
 from conftest import cli_env
@@ -173,11 +173,11 @@ def test_bad_settings_fail_at_once_with_the_flag_and_range(tmp_path, capsys, arg
     # In this process (its four test devices), through the CLI's own entry point; the
     # process boundary is checked once below.
     out = tmp_path / "out"
-    extra = () if "--resume" in args else ("--out", str(out))
-    assert cli.main(["experiment", *args, *extra, "--no-compilation-cache"]) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert err.startswith("mnist-jax: error: ") and "Traceback" not in err
+    extra = () if "--resume" in args else ("--out", out)
+    done = run_main(capsys, "experiment", *args, *extra, "--no-compilation-cache", check=False)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert done.stderr.startswith("mnist-jax: error: ") and "Traceback" not in done.stderr
     assert not out.exists(), "work started before the settings were checked"
 
 
