@@ -1,6 +1,8 @@
 """Training: loss, penalty, Adam and the epoch against hand-written NumPy and math."""
 
 import dataclasses
+import itertools
+import math
 import re
 import threading
 
@@ -10,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from mnist_jax import fit
+from mnist_jax import fit, steps
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import TrainingDiverged
 from mnist_jax.model import MLP
@@ -23,6 +25,7 @@ from mnist_jax.steps import (
     l2_penalty,
     loss_fn,
     optimizer,
+    shuffle_indices,
     train_step,
 )
 
@@ -176,6 +179,46 @@ def test_padding_changes_neither_loss_nor_gradient(splits):
     # Equal up to float32 summation order (the padded matmul is blocked differently).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  g_small, g_pad)
+
+
+@pytest.mark.parametrize("n", [42000, 60000, 1000, 7])
+def test_shuffle_is_jax_random_s_algorithm_with_packed_keys(n):
+    """NumPy replays tjablin's shuffle (stable argsort by fresh random keys, round after
+    round) from the same random bits; the packed single-array sorts must agree."""
+    key = jax.random.key(5)
+    index_bits = (n - 1).bit_length()
+    rounds = math.ceil(3 * math.log(n) / math.log(2.0 ** (32 - index_bits)))
+    perm = np.arange(n)
+    for round_key in jax.random.split(key, rounds):
+        random = np.asarray(jax.random.bits(round_key, (n,), jnp.uint32)) >> index_bits
+        perm = perm[np.argsort(random, kind="stable")]
+    got = np.asarray(shuffle_indices(key, n))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, perm)
+    assert rounds == {42000: 3, 60000: 3, 1000: 2, 7: 1}[n]
+
+
+@pytest.mark.parametrize("n", [1, 2, 65536, 65537])
+def test_shuffle_is_a_permutation(n):
+    np.testing.assert_array_equal(np.sort(np.asarray(shuffle_indices(jax.random.key(1), n))),
+                                  np.arange(n))
+
+
+def test_shuffle_draws_every_order_equally_often():
+    """All 24 orders of 4 items over 4800 keys: chi-square against uniform (23 degrees of
+    freedom; a fair shuffle lands above 49.7, the 0.1% point, once in a thousand key sets)."""
+    draws = jax.vmap(lambda k: shuffle_indices(k, 4))(jax.random.split(jax.random.key(2), 4800))
+    counts = {p: 0 for p in itertools.permutations(range(4))}
+    for row in np.asarray(draws):
+        counts[tuple(row)] += 1
+    chi2 = sum((c - 200) ** 2 / 200 for c in counts.values())
+    assert chi2 < 49.7, counts
+
+
+def test_shuffle_hands_huge_sets_to_jax_random(monkeypatch):
+    monkeypatch.setattr(steps, "_MAX_INDEX_BITS", 4)
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(shuffle_indices(key, 17), jax.random.permutation(key, 17))
 
 
 @pytest.mark.parametrize("n, batch_size, steps, last", [(42000, 128, 329, 16),

@@ -175,6 +175,36 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+# Index bits above which `shuffle_indices` leaves too few random bits per sort key and hands
+# over to jax.random.permutation (2**24 samples; MNIST has 2**16).
+_MAX_INDEX_BITS = 24
+
+
+def shuffle_indices(key: jax.Array, n: int) -> jax.Array:
+    """A random permutation of 0..n-1 (int32), as `jax.random.permutation` draws it, faster.
+
+    Same algorithm (tjablin's, in jax.random's `_shuffle`): rounds of stable sorts by fresh
+    random keys, as many rounds as make key collisions negligible, ceil(3 ln n / ln 2**bits).
+    jax sorts (key, value) pairs with 32-bit keys; XLA:CPU sorts a lone uint32 array ~6x
+    faster than a pair, so here each round sorts one array, `bits` random bits above the
+    element's current position (log2 n bits). The position makes every key distinct and the
+    sort stable; with fewer random bits per round it takes more rounds (3 instead of 2 for
+    42,000 samples), and measured 12 ms instead of 42 ms an epoch on one core.
+    """
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > _MAX_INDEX_BITS:
+        return jax.random.permutation(key, n).astype(jnp.int32)
+    bits = 32 - index_bits
+    rounds = max(1, math.ceil(3 * math.log(max(n, 2)) / math.log(2.0**bits)))
+    position = jnp.arange(n, dtype=jnp.uint32)
+    perm = jnp.arange(n, dtype=jnp.int32)
+    for round_key in jax.random.split(key, rounds):
+        random = jax.random.bits(round_key, (n,), jnp.uint32) >> index_bits
+        order = jnp.sort((random << index_bits) | position) & ((1 << index_bits) - 1)
+        perm = perm[order.astype(jnp.int32)]
+    return perm
+
+
 def epoch_batches(shuffle_key: jax.Array, epoch: jax.Array, n: int, batch_size: int,
                   ) -> tuple[jax.Array, jax.Array]:
     """A fresh permutation of 0..n-1 in (steps, B) batches, and (steps, B) sample weights.
@@ -183,7 +213,7 @@ def epoch_batches(shuffle_key: jax.Array, epoch: jax.Array, n: int, batch_size: 
     the padded rows change neither the loss nor the gradient.
     """
     steps = steps_per_epoch(n, batch_size)
-    perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n).astype(jnp.int32)
+    perm = shuffle_indices(jax.random.fold_in(shuffle_key, epoch), n)
     pad = steps * batch_size - n
     idx = jnp.concatenate([perm, jnp.zeros((pad,), jnp.int32)])
     weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
