@@ -295,7 +295,9 @@ def test_stack_equals_models_trained_alone(small, schedule):
                 jax.tree.map(np.testing.assert_array_equal, params, alone.params(name))
                 assert stack.histories[name][seed_index] == alone.histories[name][0]
                 continue
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+            # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise is
+            # a visible part of a step (lr 1e-3), so the floor is 1% of one step.
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          params, alone.params(name))
             for key, values in alone.histories[name][0].items():
                 np.testing.assert_allclose(stack.histories[name][seed_index][key], values,
