@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Results()
     splits = fit.prepare(load_mnist(args.data_dir))
-    peak = suite.matmul_peak(results, 2048 if quick else 4096, repeats)
+    peak = suite.matmul_peak(results, (1024, 2048) if quick else (1024, 2048, 4096),
+                             repeats)
     if "step" not in skip:
         suite.step(results, splits, repeats)
     if "epoch" not in skip:
