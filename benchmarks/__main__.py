@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from benchmarks import plot, suite
-    from benchmarks.harness import Results
+    from benchmarks.harness import Results, Yardstick
     from mnist_jax import files, fit, runtime
     from mnist_jax.data import load_mnist
 
@@ -50,21 +50,23 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Results()
     splits = fit.prepare(load_mnist(args.data_dir))
-    peak = suite.matmul_peak(results, (1024, 2048) if quick else (1024, 2048, 4096),
-                             repeats)
+    peak, peak_n = suite.matmul_peak(results, (1024, 2048) if quick else (1024, 2048, 4096),
+                                     repeats)
+    yardstick = Yardstick(peak_n)
     if "step" not in skip:
         suite.step(results, splits, repeats)
     if "epoch" not in skip:
         suite.epoch(results, splits, peak, repeats,
                     variants=("baseline", "l2", "dropout", "l2_dropout"),
-                    rngs=("hash", "threefry"))
+                    rngs=("hash", "threefry"), yardstick=yardstick)
         suite.regularisation_costs(results)
     if "sweep" not in skip:
         sizes = (128, 1024) if quick else (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-        suite.epoch(results, splits, peak, max(2, repeats - 2), batch_sizes=sizes)
+        suite.epoch(results, splits, peak, max(2, repeats - 2), batch_sizes=sizes,
+                    yardstick=yardstick)
     if "stacks" not in skip:
         sizes = (1, 2) if quick else ((1, 4, 16, 64, 128) if accelerator else (1, 2, 4, 8))
-        suite.stacks(results, splits, peak, sizes, max(2, repeats - 2))
+        suite.stacks(results, splits, peak, sizes, max(2, repeats - 2), yardstick=yardstick)
     ours = None
     if "study" not in skip:
         ours = suite.study(results, args.data_dir, 2 if quick else 20)

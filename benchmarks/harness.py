@@ -27,21 +27,27 @@ def compile_timed(jitted, *args, **static) -> tuple[Any, float]:
     return timed(lambda: jitted.lower(*args, **static).compile())
 
 
-def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Wall seconds of `call()` (which returns arrays to wait for), after `warmup` calls."""
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1,
+               between: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Wall seconds of `call()` (which returns arrays to wait for), after `warmup` calls.
+    `between()`, if given, runs before each repeat and after the last, untimed."""
     for _ in range(warmup):
         jax.block_until_ready(call())
     times = []
     for _ in range(repeats):
+        if between is not None:
+            between()
         t0 = time.perf_counter()  # the previous call was waited for: the device is idle
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
+    if between is not None:
+        between()
     return {"min_s": min(times), "median_s": statistics.median(times), "repeats": repeats,
             "times_s": times}
 
 
 def time_epochs(run: Callable[[Any, jax.Array], tuple[Any, Any]], state: Any,
-                repeats: int) -> dict[str, Any]:
+                repeats: int, between: Callable[[], Any] | None = None) -> dict[str, Any]:
     """`time_calls` of whole epochs, `run(state, epoch) -> (state, metrics)` as `fit` runs
     them, carrying the state from one epoch to the next (a copy: an epoch donates it)."""
     carry, epoch = [jax.tree.map(jnp.copy, state)], [0]
@@ -51,7 +57,37 @@ def time_epochs(run: Callable[[Any, jax.Array], tuple[Any, Any]], state: Any,
         epoch[0] += 1
         return metrics
 
-    return time_calls(call, repeats)
+    return time_calls(call, repeats, between=between)
+
+
+class Yardstick:
+    """The peak matmul, timed again between the repeats of a measurement.
+
+    On a shared machine (a cloud VM whose neighbours come and go) the speed drifts by tens of
+    percent within minutes; a utilisation against a peak taken minutes earlier then mixes the
+    code's efficiency with the machine's mood. `window()` opens a window, `sample` (passed as
+    `between`) times one matmul, and `close()` returns the best GFLOP/s seen in the window.
+    """
+
+    def __init__(self, n: int) -> None:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        self.n, self._args = n, (a, b)
+        self._matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+        jax.block_until_ready(self._matmul(a, b))
+        self._best = 0.0
+
+    def window(self) -> Yardstick:
+        self._best = 0.0
+        return self
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self._matmul(*self._args))
+        self._best = max(self._best, 2 * self.n**3 / (time.perf_counter() - t0) / 1e9)
+
+    def close(self) -> float:
+        return self._best
 
 
 def device() -> dict[str, Any]:

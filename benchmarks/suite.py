@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import Results, compile_timed, time_calls, time_epochs, timed
+from benchmarks.harness import Results, Yardstick, compile_timed, time_calls, time_epochs, timed
 from mnist_jax import fit
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.model import train_flops_per_sample
@@ -25,12 +25,12 @@ from mnist_jax.steps import Batch, EpochData, train_step
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> float:
+def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:
     """float32 GFLOP/s of n x n x n matmuls, the best over `sizes`: the yardstick for FLOP
     utilisation. One size can miss the peak by a third (on a 2-core Skylake: 164 GFLOP/s at
     1024, 116 at 4096, where the operands no longer fit the caches), which would flatter every
-    utilisation figure."""
-    best = 0.0
+    utilisation figure. Returns (GFLOP/s, n) of the best."""
+    best = (0.0, 0)
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -39,7 +39,7 @@ def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> float
         gflops = 2 * n**3 / t["min_s"] / 1e9
         results.add("matmul_peak", n=n, dtype="float32", gflop_per_s=gflops,
                     compile_s=compile_s, **t)
-        best = max(best, gflops)
+        best = max(best, (gflops, n))
     return best
 
 
@@ -56,8 +56,19 @@ def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
     return stack, run, compile_s
 
 
+def _utilisation(gflops: float, peak: float, yardstick: Yardstick | None) -> dict[str, float]:
+    """FLOP utilisation against the run's peak and, with a yardstick, against the best matmul
+    timed between this measurement's own repeats (the machine's speed at that moment)."""
+    out = {"gflop_per_s": gflops, "flop_utilisation": gflops / peak}
+    if yardstick is not None:
+        window = yardstick.close()
+        out |= {"peak_in_window_gflop_per_s": window, "flop_utilisation_in_window": gflops / window}
+    return out
+
+
 def epoch(results: Results, splits: fit.Splits, peak: float, repeats: int,
-          batch_sizes=(128,), variants=("baseline",), rngs=("hash",)) -> None:
+          batch_sizes=(128,), variants=("baseline",), rngs=("hash",),
+          yardstick: Yardstick | None = None) -> None:
     """A whole compiled training epoch: samples/s, and achieved FLOP/s against the peak."""
     data = _train_only(splits)
     n = len(splits.train_images)
@@ -67,12 +78,12 @@ def epoch(results: Results, splits: fit.Splits, peak: float, repeats: int,
             for rng in rngs if VARIANTS[name].dropout else ("hash",):
                 config = TrainConfig(batch_size=batch, dropout_rng=rng)
                 stack, run, compile_s = _epoch_program([VARIANTS[name]], (0,), config, data)
-                t = time_epochs(run, stack.state, repeats)
+                t = time_epochs(run, stack.state, repeats,
+                                yardstick and yardstick.window().sample)
                 steps = -(-n // batch)
                 results.add("epoch", variant=name, dropout_rng=rng, batch=batch,
                             samples_per_s=n / t["min_s"], ms_per_step=1e3 * t["min_s"] / steps,
-                            gflop_per_s=flops / t["min_s"] / 1e9,
-                            flop_utilisation=flops / t["min_s"] / 1e9 / peak,
+                            **_utilisation(flops / t["min_s"] / 1e9, peak, yardstick),
                             compile_s=compile_s, **t)
 
 
@@ -115,7 +126,8 @@ def regularisation_costs(results: Results) -> None:
 
 
 def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: int,
-           schedules=("stack", "sequential", "concurrent")) -> None:
+           schedules=("stack", "sequential", "concurrent"),
+           yardstick: Yardstick | None = None) -> None:
     """N models trained together, per schedule: one vmapped program ('stack'), the
     single-model program once per model ('sequential'), or those programs several at once
     from host threads ('concurrent', the CPU default). Models 1..N are the study's variants
@@ -131,14 +143,14 @@ def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: in
         for schedule in schedules if models > 1 else ("sequential",):
             stack, run, compile_s = _epoch_program(variants, seeds,
                                                    TrainConfig(schedule=schedule), data)
-            t = time_epochs(run, stack.state, repeats)
+            t = time_epochs(run, stack.state, repeats, yardstick and yardstick.window().sample)
             samples_per_s = models * n / t["min_s"]
             gflops = samples_per_s * train_flops_per_sample() / 1e9
             results.add("stack", schedule=schedule, models=models,
                         workers=fit.workers(models) if schedule == "concurrent" else 1,
                         compile_s=compile_s, samples_per_s=samples_per_s,
-                        samples_per_s_per_model=samples_per_s / models, gflop_per_s=gflops,
-                        flop_utilisation=gflops / peak, **t)
+                        samples_per_s_per_model=samples_per_s / models,
+                        **_utilisation(gflops, peak, yardstick), **t)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 3600,

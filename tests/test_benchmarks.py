@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import matplotlib.image
 import pytest
 
@@ -34,6 +35,12 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     epochs = [r for r in results["records"] if r["name"] == "epoch"]
     assert {r["batch"] for r in epochs} >= {128, 1024}
     assert all(0 < r["flop_utilisation"] for r in epochs)
+    assert all(r["flop_utilisation_in_window"] == pytest.approx(
+        r["gflop_per_s"] / r["peak_in_window_gflop_per_s"]) for r in epochs)
+    peaks = [r for r in results["records"] if r["name"] == "matmul_peak"]
+    assert [r["n"] for r in peaks] == [1024, 2048]
+    best = max(r["gflop_per_s"] for r in peaks)
+    assert all(r["flop_utilisation"] == pytest.approx(r["gflop_per_s"] / best) for r in epochs)
     stacks = {(r["schedule"], r["models"]) for r in results["records"] if r["name"] == "stack"}
     assert stacks == {("sequential", 1), ("stack", 2), ("sequential", 2), ("concurrent", 2)}
     study = {r["run"]: r for r in results["records"] if r["name"] == "study"}
@@ -52,3 +59,24 @@ def test_data_parallel_benchmark_process(mnist):
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert (record["devices"], record["data_parallel"]) == (2, 2)
     assert (record["global_batch"], record["per_device_batch"]) == (128, 64)
+
+
+def test_between_runs_around_every_timed_repeat():
+    from benchmarks import harness
+
+    calls = []
+    t = harness.time_calls(lambda: calls.append("call") or jnp.zeros(()), 3,
+                           between=lambda: calls.append("between"))
+    assert calls == ["call"] + ["between", "call"] * 3 + ["between"]
+    assert len(t["times_s"]) == 3
+
+
+def test_yardstick_reports_the_best_matmul_of_its_window():
+    from benchmarks import harness
+
+    yardstick = harness.Yardstick(64)
+    assert yardstick.window().close() == 0.0
+    yardstick.sample()
+    yardstick.sample()
+    assert yardstick.close() > 0
+    assert yardstick.window().close() == 0.0, "a new window forgets the last one"
