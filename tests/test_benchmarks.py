@@ -50,6 +50,7 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     assert image.shape[0] > 500 and image[..., :3].std() > 0.01
 
 
+@pytest.mark.slow  # a benchmark subprocess end to end (14 s); the fast suite is near 5 min
 def test_data_parallel_benchmark_process(mnist):
     done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--devices", "2",
                            "--data-parallel", "2", "--repeats", "1", "--data-dir",
