@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import Results, Yardstick, compile_timed, time_calls, time_epochs, timed
+from benchmarks.harness import (
+    Results,
+    Yardstick,
+    compile_timed,
+    square_matmul,
+    time_calls,
+    time_epochs,
+    timed,
+)
 from mnist_jax import fit
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.model import train_flops_per_sample
@@ -32,10 +39,8 @@ def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> tuple
     utilisation figure. Returns (GFLOP/s, n) of the best."""
     best = (0.0, 0)
     for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        compiled, compile_s = compile_timed(jax.jit(jnp.matmul), a, b)
-        t = time_calls(functools.partial(compiled, a, b), repeats)
+        matmul, compile_s = square_matmul(n)
+        t = time_calls(matmul, repeats)
         gflops = 2 * n**3 / t["min_s"] / 1e9
         results.add("matmul_peak", n=n, dtype="float32", gflop_per_s=gflops,
                     compile_s=compile_s, **t)
