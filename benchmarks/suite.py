@@ -43,6 +43,7 @@ def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> tuple
         t = time_calls(matmul, repeats)
         gflops = 2 * n**3 / t["min_s"] / 1e9
         results.add("matmul_peak", n=n, dtype="float32", gflop_per_s=gflops,
+                    precision=jax.config.jax_default_matmul_precision or "default",
                     compile_s=compile_s, **t)
         best = max(best, (gflops, n))
     return best
@@ -204,31 +205,39 @@ PEERS = {
 
 
 def peers(results: Results, ours: dict | None, data_dir: str | None, epochs: int,
-          only: tuple[str, ...] | None = None) -> None:
-    """The same recipe in the other stacks that are installed, as ratios to mnist_jax."""
+          only: tuple[str, ...] | None = None, after_each=None) -> None:
+    """The same recipe in the other stacks that are installed, as ratios to mnist_jax.
+    `after_each()`, if given, runs after each peer (to save what was measured so far)."""
     for name, (modules, args) in PEERS.items():
         if only and name not in only:
             continue
-        missing = [m for m in modules if importlib.util.find_spec(m) is None]
-        if missing:
-            results.add("peer", stack=name, skipped=f"not installed: {', '.join(missing)} "
-                                                    "(pip install -e '.[peers]')")
-            continue
-        cmd = [sys.executable, *args, "--epochs", str(epochs)]
-        if data_dir:
-            cmd += ["--data-dir", data_dir]
-        done, wall = _run(cmd, {"TF_CPP_MIN_LOG_LEVEL": "2"})
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            results.add("peer", stack=name, error=done.stderr[-2000:])
-            continue
-        fit_s = sum(r["fit_seconds"] + r["evaluate_seconds"] for r in lines)
-        ratio = fit_s / ours["fit_equivalent_s"] if ours else None
-        results.add("peer", stack=name, epochs=epochs, fit_s=fit_s, process_wall_s=wall,
-                    ratio_to_mnist_jax=ratio,
-                    test_accuracy={r["variant"]: r["test_accuracy"] for r in lines},
-                    versions={k: v for r in lines[:1] for k, v in r.items()
-                              if k in ("keras", "torch", "threads")})
+        _peer(results, name, modules, args, ours, data_dir, epochs)
+        if after_each is not None:
+            after_each()
+
+
+def _peer(results: Results, name: str, modules: tuple[str, ...], args: list[str],
+          ours: dict | None, data_dir: str | None, epochs: int) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        results.add("peer", stack=name, skipped=f"not installed: {', '.join(missing)} "
+                                                "(pip install -e '.[peers]')")
+        return
+    cmd = [sys.executable, *args, "--epochs", str(epochs)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    done, wall = _run(cmd, {"TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        results.add("peer", stack=name, error=done.stderr[-2000:])
+        return
+    fit_s = sum(r["fit_seconds"] + r["evaluate_seconds"] for r in lines)
+    ratio = fit_s / ours["fit_equivalent_s"] if ours else None
+    results.add("peer", stack=name, epochs=epochs, fit_s=fit_s, process_wall_s=wall,
+                ratio_to_mnist_jax=ratio,
+                test_accuracy={r["variant"]: r["test_accuracy"] for r in lines},
+                versions={k: v for r in lines[:1] for k, v in r.items()
+                          if k in ("keras", "torch", "threads", "device")})
 
 
 def scaling(results: Results, devices: int, repeats: int) -> None:

@@ -81,3 +81,19 @@ def test_yardstick_reports_the_best_matmul_of_its_window():
     yardstick.sample()
     assert yardstick.close() > 0
     assert yardstick.window().close() == 0.0, "a new window forgets the last one"
+
+
+def test_peers_report_each_missing_stack_and_save_after_each(monkeypatch):
+    import importlib.util
+
+    from benchmarks import harness, suite
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    results, saved = harness.Results(), []
+    suite.peers(results, None, None, 1, after_each=lambda: saved.append(len(results.records)))
+    records = results.find("peer")
+    assert [r["stack"] for r in records] == list(suite.PEERS)
+    assert all(r["skipped"].startswith("not installed: keras") for r in records[:2])
+    assert records[1]["skipped"] == ("not installed: keras, tensorflow "
+                                     "(pip install -e '.[peers]')")
+    assert saved == [1, 2, 3, 4], "saved after every peer, the skipped ones too"
