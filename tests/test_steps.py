@@ -304,9 +304,11 @@ def test_stack_equals_models_trained_alone(small, schedule):
                                            rtol=1e-4)
 
 
-def test_auto_schedule_on_cpu():
-    assert fit.schedule(TrainConfig()) == "concurrent"
-    assert fit.schedule(TrainConfig(data_parallel=2)) == "sequential"
+def test_auto_schedule():
+    """Concurrent (sequential when data-parallel) on CPU, the vmapped stack elsewhere."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert fit.schedule(TrainConfig()) == ("concurrent" if on_cpu else "stack")
+    assert fit.schedule(TrainConfig(data_parallel=2)) == ("sequential" if on_cpu else "stack")
     assert fit.schedule(TrainConfig(schedule="stack")) == "stack"
     assert 1 <= fit.workers(8) <= 8 and fit.workers(1) == 1
 
@@ -363,15 +365,17 @@ def test_validation_split_zero_has_no_val_history(splits):
 
 
 def test_epoch_updates_the_weights_in_place(small):
-    """With fit.compiler_options() XLA's loop updates the kernels in place; without them it
-    copied the first two kernels every step (6% of a lone model's step, measured)."""
+    """With fit.compiler_options() XLA's loop updates the kernels in place; without them
+    XLA:CPU copied the first two kernels every step (6% of a lone model's step, measured).
+    XLA:GPU updates them in place either way (seen on an H200)."""
     stack = fit.new_stack([VARIANTS["l2_dropout"]], (0,), TrainConfig())
     data = fit.epoch_data(small)
     static = dict(model=stack.model, tx=fit.tx_for(stack.config), batch_size=128,
                   eval_batch_size=2000, batch_sharding=None)
     copies = r"f32\[(784,256|256,256)\]\{1,0\} copy\("
-    plain = fit._train_epoch.lower(stack.state, stack.keys, data, jnp.int32(0), **static)
-    assert re.search(copies, plain.compile().as_text())  # the pattern does find them
+    if jax.default_backend() == "cpu":  # the pattern does find the copies
+        plain = fit._train_epoch.lower(stack.state, stack.keys, data, jnp.int32(0), **static)
+        assert re.search(copies, plain.compile().as_text())
     tuned = fit.compile_epoch(stack.state, stack.keys, data, jnp.int32(0), **static)
     assert not re.search(copies, tuned.as_text())
 
