@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                     variants=("baseline", "l2", "dropout", "l2_dropout"),
                     rngs=("hash", "threefry"), yardstick=yardstick)
         suite.regularisation_costs(results)
+        suite.optimizer_cost(results, splits, peak, repeats, yardstick=yardstick)
         save()
     if "sweep" not in skip:
         sizes = (128, 1024) if quick else (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

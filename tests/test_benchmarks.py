@@ -26,8 +26,8 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["versions"]["jax"]
     names = {r["name"] for r in results["records"]}
-    assert names >= {"matmul_peak", "train_step", "epoch", "cost_vs_baseline", "stack",
-                     "study"}
+    assert names >= {"matmul_peak", "train_step", "epoch", "cost_vs_baseline",
+                     "optimizer_cost", "stack", "study"}
     for record in results["records"]:
         assert record["backend"] == "cpu" and record["device_kind"]
         if "samples_per_s" in record:
@@ -37,6 +37,11 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     assert all(0 < r["flop_utilisation"] for r in epochs)
     assert all(r["flop_utilisation_in_window"] == pytest.approx(
         r["gflop_per_s"] / r["peak_in_window_gflop_per_s"]) for r in epochs)
+    optimizers = {r["optimizer"]: r for r in results["records"] if r["name"] == "optimizer_cost"}
+    assert set(optimizers) == {"adam", "sgd"}
+    assert optimizers["adam"]["ratio_to_adam"] == 1.0
+    assert optimizers["sgd"]["ratio_to_adam"] == pytest.approx(
+        optimizers["sgd"]["min_s"] / optimizers["adam"]["min_s"])
     peaks = [r for r in results["records"] if r["name"] == "matmul_peak"]
     assert [r["n"] for r in peaks] == [1024, 2048]
     best = max(r["gflop_per_s"] for r in peaks)
