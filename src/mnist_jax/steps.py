@@ -3,7 +3,7 @@
 Shapes: a *stack* of models has leading axes (S, V) on every leaf of its TrainState: S seeds,
 V variants. Models that share a seed share their initial weights, batch order and dropout
 noise, and differ only in their hyperparameters (common random numbers: the fairest paired
-comparison, and the batch is then shared, so the first layer of all V models is one matmul).
+comparison). In the training loop the stack is one models axis of S * V.
 The hyperparameters (L2 coefficients, dropout rates, learning rate) are traced values in the
 state, so every variant runs the same compiled program.
 """
@@ -281,15 +281,21 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
     step = functools.partial(train_step, model=model, tx=tx)
     single = (s, v) == (1, 1)
 
-    def seed_step(state_v, images, labels, w, key):
-        return over_models(step, v, (0, None, None))(state_v, Batch(images, labels, w), key)
+    def per_model(a):  # (S, ...) -> (S * V, ...): each model gets its seed's value
+        return jnp.broadcast_to(a[:, None], (s, v, *a.shape[1:])).reshape(s * v, *a.shape[1:])
 
     def step_all(state, images, labels, w, step_keys):
         if single:  # the loop carries the unstacked state (see below)
             state, m = step(state, Batch(images[0], labels[0], w), step_keys[0])
             return state, jax.tree.map(lambda a: a[None, None], m)
-        return over_models(seed_step, s, (0, 0, 0, None, 0))(state, images, labels, w,
-                                                             step_keys)
+        # One models axis, every model with its own copy of its seed's batch: each layer is
+        # then a batched matmul with the weights in their stored layout. Sharing the batch
+        # (one matmul for the first layer of all models) made XLA transpose every model's
+        # first kernel each step and hand Adam its gradient transposed. With the carry below:
+        # 1.44x faster for the study's 4 models on 2 CPU cores, 1.16x for 8.
+        state, m = jax.vmap(step, in_axes=(0, Batch(0, 0, None), 0))(
+            state, Batch(per_model(images), per_model(labels), w), per_model(step_keys))
+        return state, jax.tree.map(lambda a: a.reshape(s, v), m)
 
     def body(carry):
         i, state, sums, bad, bad_loss = carry
@@ -314,15 +320,18 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
         return (i < steps) & jnp.all(bad < 0)
 
     zeros = jnp.zeros((s, v), jnp.float32)
+    # The loop carries the state as the step makes it: a lone model's without its (1, 1)
+    # axes, a stack's with one models axis. Updated in place through a reshape, XLA copied
+    # the weights and the optimizer state every step.
     if single:
-        # A lone model's state is carried through the loop without its (1, 1) axes: updated
-        # in place through a reshape, XLA copied the optimizer state every step.
-        state = jax.tree.map(lambda a: a[0, 0], state)
-    carry = (jnp.zeros((), jnp.int32), state, (zeros, zeros, zeros, zeros),
-             jnp.full((s, v), -1, jnp.int32), zeros)
+        to_loop, from_loop = (lambda a: a[0, 0]), (lambda a: a[None, None])
+    else:
+        to_loop = lambda a: a.reshape(s * v, *a.shape[2:])  # noqa: E731
+        from_loop = lambda a: a.reshape(s, v, *a.shape[1:])  # noqa: E731
+    carry = (jnp.zeros((), jnp.int32), jax.tree.map(to_loop, state),
+             (zeros, zeros, zeros, zeros), jnp.full((s, v), -1, jnp.int32), zeros)
     carry = jax.lax.while_loop(cond, body, carry)
-    if single:
-        carry = (carry[0], jax.tree.map(lambda a: a[None, None], carry[1]), *carry[2:])
+    carry = (carry[0], jax.tree.map(from_loop, carry[1]), *carry[2:])
     _, state, (loss, ce, penalty, acc), bad, bad_loss = carry
 
     if data.val_images.shape[0]:
