@@ -207,8 +207,8 @@ def schedule(config: TrainConfig) -> str:
     same single-model program. 'concurrent': the same programs, several at once from host
     threads (one per CPU core, `workers`), each model's numbers bit for bit those of
     'sequential'. 'auto' picks concurrent on CPU (a lone batch-128 step cannot keep two cores
-    busy: 1.3 ms on one core, 1.0 ms on two; two to eight models at once measured 1.4-1.5x
-    the throughput of one after another, a vmapped stack 0.8-1.1x, see benchmarks/),
+    busy: 1.3 ms on one core, 1.0 ms on two; two to eight models at once measured 1.15-1.5x
+    the throughput of one after another by machine, a vmapped stack 0.9-1.0x, see benchmarks/),
     sequential on CPU with --data-parallel (concurrent programs' collectives could
     interleave), and the stack on accelerators, which it keeps busy.
     """
