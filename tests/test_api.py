@@ -24,5 +24,7 @@ def test_readme_script_runs(mnist, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=tmp_path, env=cli_env(), timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "test accuracy 9" in done.stdout
+    # One epoch reaches about 95%; chance is 9.8%, which "test accuracy 9" also matched.
+    accuracy = float(re.search(r"test accuracy ([\d.]+)%", done.stdout)[1])
+    assert 90 < accuracy < 100, done.stdout
     assert (tmp_path / "dropout.png").stat().st_size > 10000

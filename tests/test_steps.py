@@ -38,10 +38,11 @@ def hparams(variant: str) -> Hyperparams:
     return Hyperparams(jnp.asarray(v.l2_vector(HIDDEN)), jnp.asarray(v.dropout_vector(HIDDEN)))
 
 
-def state_for(variant: str, lr: float = 1e-3, seed: int = 0):
+def state_for(variant: str, lr: float = 1e-3, seed: int = 0,
+              optimizer_name: str = "keras-adam"):
     model = MLP(dropout=VARIANTS[variant].dropout > 0)
-    return model, create_train_state(jax.random.key(seed), model, optimizer(), hparams(variant),
-                                     learning_rate=lr)
+    return model, create_train_state(jax.random.key(seed), model, optimizer(optimizer_name),
+                                     hparams(variant), learning_rate=lr)
 
 
 def batch(splits, n=128, start=0) -> Batch:
@@ -99,12 +100,24 @@ def test_loss_and_penalty_match_numpy(splits, variant):
                 "l2_dropout": 0.001 * ((kernels["hidden_1"] ** 2).sum()
                                        + (kernels["hidden_2"] ** 2).sum())}[variant]
     assert float(m.penalty) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    # Biases never count, whatever their values.
+    _, biased = loss_fn(with_random_biases(state.params), state.hparams, b, None, model=model,
+                        train=False)
+    assert float(biased.penalty) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def with_random_biases(params, seed=0):
+    """Fresh biases are all zero, where a penalty on them would have no gradient either."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(NAMES)))
+    return {n: {**d, "bias": jax.random.normal(next(keys), d["bias"].shape)}
+            for n, d in params.items()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_penalty_touches_exactly_the_named_kernels(variant):
     _, state = state_for(variant)
-    grads = jax.grad(l2_penalty)(state.params, state.hparams.l2, HIDDEN)
+    params = with_random_biases(state.params)
+    grads = jax.grad(l2_penalty)(params, state.hparams.l2, HIDDEN)
     named = set(VARIANTS[variant].l2_layers)
     for name in NAMES:
         assert bool(jnp.any(grads[name]["kernel"] != 0)) == (name in named), name
@@ -137,30 +150,65 @@ def test_keras_l2_equals_coupled_decay_of_twice_the_coefficient_under_sgd(splits
                  coupled, decoupled)
 
 
-def test_two_train_steps_match_numpy_adam(splits):
+def numpy_adam(p, m, v, g, t, lr, b1, b2, eps, form):
+    """One Adam step in float64: Keras's (eps on the uncorrected sqrt(v), the corrections in
+    the step size) or optax's (eps on the bias-corrected sqrt(v_hat))."""
+    m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
+    v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_**2, v, g)
+    if form == "keras-adam":
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        p = jax.tree.map(lambda p_, m_, v_: p_ - alpha * m_ / (np.sqrt(v_) + eps), p, m, v)
+    else:
+        p = jax.tree.map(lambda p_, m_, v_: p_ - lr * (m_ / (1 - b1**t))
+                         / (np.sqrt(v_ / (1 - b2**t)) + eps), p, m, v)
+    return p, m, v
+
+
+@pytest.mark.parametrize("form", ["keras-adam", "adam"])
+def test_two_train_steps_match_numpy_adam(splits, form):
     """Gradients by hand-written backprop and Adam by hand, in float64."""
-    model, state = state_for("l2_dropout")
+    model, state = state_for("l2_dropout", optimizer_name=form)
     state = state.replace(hparams=state.hparams.replace(dropout=jnp.zeros(2)))  # L2, no noise
     model = dataclasses.replace(model, dropout=False)
-    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-7
     l2 = VARIANTS["l2_dropout"].l2_vector(HIDDEN)
     p = np_params(state.params)
     m = jax.tree.map(np.zeros_like, p)
     v = jax.tree.map(np.zeros_like, p)
     for t, start in enumerate((0, 128), start=1):
         b = batch(splits, start=start)
-        state, metrics = train_step(state, b, None, model=model, tx=optimizer())
+        state, metrics = train_step(state, b, None, model=model, tx=optimizer(form))
         ce, penalty, g = numpy_loss_and_grads(p, b.images, b.labels, b.weights, l2)
         assert float(metrics.loss) == pytest.approx(ce + penalty, rel=1e-5)
-        m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
-        v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_**2, v, g)
-        p = jax.tree.map(lambda p_, m_, v_, t=t: p_ - lr * (m_ / (1 - b1**t))
-                         / (np.sqrt(v_ / (1 - b2**t)) + eps), p, m, v)
+        p, m, v = numpy_adam(p, m, v, g, t, 1e-3, 0.9, 0.999, 1e-7, form)
     assert int(state.step) == 2
     # Each step moves a weight by about lr = 1e-3; where a gradient is as small as float32's
     # rounding of it, Adam's g / sqrt(v) amplifies that, hence atol at 0.1% of a step.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
                  np_params(state.params), p)
+
+
+def test_fit_trains_with_the_config_s_keras_adam(splits):
+    """The training path's optimizer, from TrainConfig() to fit: two steps of fit.train
+    against NumPy with Keras's Adam and the config's documented defaults (lr 1e-3, b1 0.9,
+    b2 0.999, eps 1e-7). A default changed anywhere on the way (an eps of 1e-8 moves weights
+    with small gradients by a third of a step) fails here."""
+    data = fit.Splits(splits.train_images[:256], splits.train_labels[:256],
+                      splits.val_images[:0], splits.val_labels[:0],
+                      splits.test_images[:10], splits.test_labels[:10])
+    config = TrainConfig(epochs=1, validation_split=0.0)
+    result = fit.train(data, "l2", config, seed=2, progress=False)
+    init_key, shuffle_key, _ = fit.run_keys(2)
+    start = create_train_state(init_key, MLP(), optimizer(), hparams("l2"))
+    p = np_params(start.params)
+    m = jax.tree.map(np.zeros_like, p)
+    v = jax.tree.map(np.zeros_like, p)
+    idx, _ = epoch_batches(shuffle_key, jnp.int32(0), 256, 128)
+    for t, rows in enumerate(np.asarray(idx), start=1):
+        _, _, g = numpy_loss_and_grads(p, data.train_images[rows], data.train_labels[rows],
+                                       np.ones(128), VARIANTS["l2"].l2_vector(HIDDEN))
+        p, m, v = numpy_adam(p, m, v, g, t, 1e-3, 0.9, 0.999, 1e-7, "keras-adam")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+                 np_params(result.params), p)
 
 
 def test_padding_changes_neither_loss_nor_gradient(splits):
@@ -268,12 +316,68 @@ def test_same_seed_same_numbers_other_seed_other_numbers(small):
         assert len(a.history[key]) == 2
 
 
-def test_history_parts_add_up(small):
-    result = fit.train(small, "l2_dropout", TrainConfig(epochs=2), progress=False)
+def numpy_metrics(params, images, labels, l2):
+    """Cross-entropy, penalty and accuracy of a whole set by a NumPy forward pass, float64."""
+    p = np_params(params)
+    h = np.asarray(images, np.float64)
+    for name in NAMES[:-1]:
+        h = np.maximum(h @ p[name]["kernel"] + p[name]["bias"], 0)
+    z = h @ p["output"]["kernel"] + p["output"]["bias"]
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ce = -(labels * log_p).sum(1).mean()
+    penalty = sum(c * (p[n]["kernel"] ** 2).sum() for c, n in zip(l2, NAMES, strict=True))
+    return ce, penalty, (z.argmax(1) == labels.argmax(1)).mean()
+
+
+def test_every_history_entry_against_numpy(small):
+    """With a learning rate of 0 the weights stay the initial ones, so each of an epoch's
+    history entries is a NumPy forward pass over the training or validation set."""
+    result = fit.train(small, "l2", TrainConfig(epochs=2, learning_rate=0.0, batch_size=96),
+                       seed=1, progress=False)
+    l2 = VARIANTS["l2"].l2_vector(HIDDEN)
+    ce, penalty, acc = numpy_metrics(result.params, small.train_images, small.train_labels, l2)
+    val_ce, _, val_acc = numpy_metrics(result.params, small.val_images, small.val_labels, l2)
+    assert penalty > 0.1  # 0.001 * sum(W1**2) of a Glorot kernel: about 0.13
     h = result.history
-    for loss, ce, penalty in zip(h["loss"], h["cross_entropy"], h["penalty"], strict=True):
-        assert loss == pytest.approx(ce + penalty, rel=1e-5)
-        assert penalty > 0
+    expected = {"loss": ce + penalty, "cross_entropy": ce, "penalty": penalty, "accuracy": acc,
+                "val_loss": val_ce + penalty, "val_cross_entropy": val_ce,
+                "val_accuracy": val_acc}
+    assert set(h) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(h[key], [value, value], rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def same_image_splits(splits, n: int) -> fit.Splits:
+    """n copies of one training image: every batch is the same, whatever the order."""
+    x = np.repeat(splits.train_images[:1], n, 0)
+    y = np.repeat(splits.train_labels[:1], n, 0)
+    return fit.Splits(x, y, x[:0], y[:0], x[:1], y[:1])
+
+
+def test_dropout_masks_change_from_step_to_step(splits):
+    """One step per epoch on identical images with the weights frozen (lr 0): the two epochs'
+    losses differ only through their dropout masks. A key not folded with the step draws the
+    same mask every step and gives equal losses."""
+    data = same_image_splits(splits, 64)
+    config = TrainConfig(epochs=2, batch_size=64, learning_rate=0.0, validation_split=0.0)
+    loss = fit.train(data, "dropout", config, progress=False).history["loss"]
+    assert abs(loss[0] - loss[1]) > 1e-3 * loss[0], loss
+
+
+@pytest.mark.parametrize("schedule", ["stack", "concurrent"])
+def test_dropout_masks_differ_from_seed_to_seed(splits, schedule):
+    """Two seeds given the same weights, frozen: their losses differ only through their masks
+    (a dropout key shared by the seeds gives equal losses)."""
+    data = same_image_splits(splits, 64)
+    config = TrainConfig(epochs=1, batch_size=64, learning_rate=0.0, validation_split=0.0,
+                         schedule=schedule)
+    stack = fit.new_stack([VARIANTS["dropout"]], (0, 1), config, n_train=64)
+    stack.state = stack.state.replace(params=jax.tree.map(
+        lambda a: jnp.broadcast_to(a[:1], a.shape), stack.state.params))
+    fit.fit(stack, data, progress=False)
+    a, b = (h["loss"][0] for h in stack.histories["dropout"])
+    assert abs(a - b) > 1e-3 * a, (a, b)
 
 
 @pytest.mark.parametrize(("schedule", "seeds"), [("stack", (0, 5)), ("stack", (3,)),
@@ -400,7 +504,8 @@ def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
     c = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=112), progress=False)
     after = fit._program_slot.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (2, 1)
-    assert a.history["loss"] != b.history["loss"] != c.history["loss"]
+    losses = [a.history["loss"], b.history["loss"], c.history["loss"]]
+    assert all(x != y for x, y in itertools.combinations(losses, 2))
 
 
 @pytest.mark.parametrize("dropout", [False, True])

@@ -11,6 +11,9 @@ import numpy as np
 
 from mnist_jax.errors import ConfigError
 from mnist_jax.model import dense_names
+from mnist_jax.optim import OPTIMIZERS
+
+LOSS_FORMS = ("logits", "clipped")  # steps.cross_entropy's forms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +101,19 @@ SCHEDULES = ("auto", "stack", "sequential", "concurrent")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train: Keras `fit` semantics and Keras's Adam defaults."""
+    """How to train: Keras `fit` semantics, Keras's Adam and its defaults.
+
+    `optimizer`: 'keras-adam' (Adam as Keras computes it) or 'adam' (optax's); `loss`: the
+    cross-entropy 'logits' (Keras on TensorFlow) or 'clipped' (Keras on JAX and PyTorch for a
+    softmax output), see `steps.cross_entropy`.
+    """
 
     epochs: int = 20
     batch_size: int = 128
     validation_split: float = 0.3
     learning_rate: float = 1e-3
+    optimizer: str = "keras-adam"
+    loss: str = "logits"
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-7
@@ -129,6 +139,10 @@ class TrainConfig:
         integer("--batch-size", self.batch_size, 1, n_fit)
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise ConfigError(f"--lr {self.learning_rate!r} must be a finite number >= 0")
+        for flag, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS),
+                                     ("--loss", self.loss, LOSS_FORMS)):
+            if value not in choices:
+                raise ConfigError(f"{flag} {value!r} must be one of {', '.join(choices)}")
         for flag, value in (("b1", self.b1), ("b2", self.b2)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"Adam {flag} {value!r} must lie in [0, 1)")

@@ -133,13 +133,13 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
 
 
 def tx_for(config: TrainConfig) -> optax.GradientTransformation:
-    """The (cached) optimizer of a config: Adam with its b1, b2 and eps."""
-    return optimizer(config.b1, config.b2, config.eps)
+    """The (cached) optimizer of a config: its Adam with its b1, b2 and eps."""
+    return optimizer(config.optimizer, config.b1, config.b2, config.eps)
 
 
 _train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
                        static_argnames=("model", "tx", "batch_size", "eval_batch_size",
-                                        "batch_sharding"))
+                                        "batch_sharding", "loss_form"))
 
 
 def compiler_options() -> dict[str, bool]:
@@ -176,7 +176,7 @@ def _program_slot(key) -> list:
 
 
 _evaluate_stack = jax.jit(evaluate_stack,
-                          static_argnames=("model", "batch_size", "batch_sharding"))
+                          static_argnames=("model", "batch_size", "batch_sharding", "loss_form"))
 
 
 def epoch_data(splits: Splits, mesh=None) -> EpochData:
@@ -248,7 +248,7 @@ def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochDat
     config = stack.config
     static = dict(model=stack.model, tx=tx_for(config), batch_size=config.batch_size,
                   eval_batch_size=config.eval_batch_size,
-                  batch_sharding=parallel.batch_sharding(mesh))
+                  batch_sharding=parallel.batch_sharding(mesh), loss_form=config.loss)
     epoch0 = jnp.asarray(stack.epochs_done, jnp.int32)
     n_seeds, n_variants = len(stack.seeds), len(stack.variants)
     if schedule(config) == "stack" or n_seeds * n_variants == 1:
@@ -395,11 +395,12 @@ def train(data: MNIST | Splits, variant: str | Variant = "baseline",
 
 
 def evaluate(model: MLP, state: TrainState, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int = 2000) -> dict[str, float]:
-    """Loss (cross-entropy + L2 penalty, as Keras) and accuracy of one model on a data set."""
+             batch_size: int = 2000, loss: str = "logits") -> dict[str, float]:
+    """Loss (cross-entropy of form `loss` + L2 penalty, as Keras) and accuracy of one model on
+    a data set."""
     stacked = jax.tree.map(lambda a: jnp.asarray(a)[None, None], state)
     out = _evaluate_stack(stacked, jnp.asarray(images), jnp.asarray(labels), model=model,
-                          batch_size=batch_size)
+                          batch_size=batch_size, loss_form=loss)
     return {k: float(v[0, 0]) for k, v in out.items()}
 
 
@@ -410,7 +411,8 @@ def evaluate_models(stack: Stack, images: np.ndarray, labels: np.ndarray,
     state, images, labels = parallel.put((stack.state, images, labels), mesh)
     out = _evaluate_stack(state, images, labels, model=stack.model,
                           batch_size=stack.config.eval_batch_size,
-                          batch_sharding=parallel.batch_sharding(mesh))
+                          batch_sharding=parallel.batch_sharding(mesh),
+                          loss_form=stack.config.loss)
     return parallel.to_host(out)
 
 

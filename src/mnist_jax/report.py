@@ -18,6 +18,13 @@ ORIGINAL = {"baseline": (0.980, 0.1009), "l2": (0.977, 0.1253), "dropout": (0.97
             "l2_dropout": (0.972, 0.2111)}
 
 
+OPTIMIZER_NAMES = {"keras-adam": "Adam as Keras computes it (eps on the uncorrected sqrt(v))",
+                   "adam": "optax's Adam (eps on the bias-corrected sqrt(v))"}
+LOSS_NAMES = {"logits": "softmax cross-entropy from the logits (as Keras on TensorFlow)",
+              "clipped": "cross-entropy of the probabilities clipped to [1e-7, 1 - 1e-7] (as "
+                         "Keras on JAX and PyTorch)"}
+
+
 def history_csv(history: Mapping[str, list[float]]) -> str:
     """One row per epoch; columns absent from the history (no validation) are left out."""
     columns = [c for c in CSV_COLUMNS if c == "epoch" or c in history]
@@ -134,9 +141,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"{data['train']:,} training, {data['validation']:,} validation (the last "
         f"{train['validation_split']:.0%} of the training set, as Keras's `validation_split`), "
         f"{data['test']:,} test images.",
-        f"- Optimiser: Adam, learning rate {train['learning_rate']:g}, b1 {train['b1']:g}, "
-        f"b2 {train['b2']:g}, eps {train['eps']:g}; batch {train['batch_size']}, partial last "
-        f"batch kept; a fresh shuffle every epoch.",
+        f"- Optimiser: {OPTIMIZER_NAMES[train.get('optimizer', 'adam')]}, learning rate "
+        f"{train['learning_rate']:g}, b1 {train['b1']:g}, b2 {train['b2']:g}, eps "
+        f"{train['eps']:g}; batch {train['batch_size']}, partial last batch kept; a fresh "
+        "shuffle every epoch.",
+        f"- Loss: {LOSS_NAMES[train.get('loss', 'logits')]}, in training, validation and test "
+        "alike.",
         f"- Software: Python {env['python']}, jax {env['versions'].get('jax')}, flax "
         f"{env['versions'].get('flax')}, optax {env['versions'].get('optax')}; "
         f"backend {env['device']['platform']}.",

@@ -21,6 +21,7 @@ import optax
 from flax import struct
 
 from mnist_jax.model import MLP, dense_names
+from mnist_jax.optim import OPTIMIZERS, keras_adam
 
 Params = Any
 # A step diverged when its loss is non-finite or its cross-entropy exceeds this: a uniform
@@ -28,6 +29,7 @@ Params = Any
 # this means logits of that size, a blown-up network (Adam at a huge learning rate rarely
 # reaches inf in float32, it saturates at losses of 1e11 instead).
 DIVERGED_CROSS_ENTROPY = 1e4
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the clip of the 'clipped' cross-entropy
 
 
 class Hyperparams(struct.PyTreeNode):
@@ -83,16 +85,39 @@ class EpochMetrics(NamedTuple):
 
 
 @functools.cache
-def optimizer(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
+def optimizer(name: str = "keras-adam", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
               ) -> optax.GradientTransformation:
     """Adam with its learning rate in the state (optax.inject_hyperparams), so every learning
     rate shares one compiled program; cached, so equal settings give the same object.
 
-    optax's Adam adds eps to the bias-corrected sqrt(v), Keras's to the uncorrected one; with
-    eps = 1e-7 the two differ negligibly.
+    'keras-adam' (the default: the study is Keras's) is Adam as Keras computes it, eps added
+    to the uncorrected sqrt(v) (`optim.keras_adam`); 'adam' is `optax.adam`, eps added to the
+    bias-corrected sqrt(v_hat). They differ by 1e-4 in the loss from the second step on.
     """
-    adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
+    if name == "keras-adam":
+        adam = optax.inject_hyperparams(keras_adam, static_args=("b1", "b2", "eps"))
+    elif name == "adam":
+        adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     return adam(learning_rate=1e-3, b1=b1, b2=b2, eps=eps)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, form: str = "logits") -> jax.Array:
+    """(B,) softmax cross-entropy of (B, C) logits against (B, C) one-hot labels.
+
+    'logits' computes it from the logits (log-softmax), as Keras on TensorFlow does for a
+    softmax output and every backend with `from_logits=True`. 'clipped' is what Keras on JAX
+    and PyTorch compute for a softmax output: the probabilities renormalised, clipped to
+    [1e-7, 1 - 1e-7] and logged, which caps a sample's loss at 16.1 and zeroes the gradient of
+    every sample predicted with p > 1 - 1e-7.
+    """
+    if form == "logits":
+        return optax.softmax_cross_entropy(logits, labels)
+    probs = jax.nn.softmax(logits)
+    probs = probs / jnp.sum(probs, -1, keepdims=True)
+    probs = jnp.clip(probs, KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return -jnp.sum(labels * jnp.log(probs), -1)
 
 
 def create_train_state(init_key: jax.Array, model: MLP, tx: optax.GradientTransformation,
@@ -118,13 +143,15 @@ def l2_penalty(params: Params, coefs: jax.Array, hidden: tuple[int, ...]) -> jax
 
 
 def loss_fn(params: Params, hparams: Hyperparams, batch: Batch, dropout_key: jax.Array | None,
-            *, model: MLP, train: bool) -> tuple[jax.Array, StepMetrics]:
-    """Mean softmax cross-entropy over the batch's real samples plus the L2 penalty."""
+            *, model: MLP, train: bool, loss_form: str = "logits",
+            ) -> tuple[jax.Array, StepMetrics]:
+    """Mean softmax cross-entropy (`cross_entropy` of `loss_form`) over the batch's real
+    samples plus the L2 penalty."""
     rngs = {"dropout": dropout_key} if train and model.dropout else None
     logits = model.apply({"params": params}, batch.images, hparams.dropout, train=train,
                          rngs=rngs)
     count = jnp.sum(batch.weights)
-    ce = jnp.sum(optax.softmax_cross_entropy(logits, batch.labels) * batch.weights) / count
+    ce = jnp.sum(cross_entropy(logits, batch.labels, loss_form) * batch.weights) / count
     correct = jnp.argmax(logits, -1) == jnp.argmax(batch.labels, -1)
     accuracy = jnp.sum(correct.astype(jnp.float32) * batch.weights) / count
     penalty = l2_penalty(params, hparams.l2, model.hidden)
@@ -133,20 +160,22 @@ def loss_fn(params: Params, hparams: Hyperparams, batch: Batch, dropout_key: jax
 
 
 def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model: MLP,
-               tx: optax.GradientTransformation) -> tuple[TrainState, StepMetrics]:
+               tx: optax.GradientTransformation, loss_form: str = "logits",
+               ) -> tuple[TrainState, StepMetrics]:
     """One Adam step on one batch: pure, jittable; `dropout_key` is used only with dropout."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, state.hparams, batch, dropout_key,
-                                  model=model, train=True)
+                                  model=model, train=True, loss_form=loss_form)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params: Params, hparams: Hyperparams, batch: Batch, *, model: MLP,
-              ) -> StepMetrics:
+              loss_form: str = "logits") -> StepMetrics:
     """Metrics of one batch in inference mode (no dropout, no gradients)."""
-    return loss_fn(params, hparams, batch, None, model=model, train=False)[1]
+    return loss_fn(params, hparams, batch, None, model=model, train=False,
+                   loss_form=loss_form)[1]
 
 
 # --- stacks of models ------------------------------------------------------------------------
@@ -222,7 +251,7 @@ def epoch_batches(shuffle_key: jax.Array, epoch: jax.Array, n: int, batch_size: 
 
 def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
                     batch_size: int, batch_sharding: jax.sharding.Sharding | None = None,
-                    ) -> dict[str, jax.Array]:
+                    loss_form: str = "logits") -> dict[str, jax.Array]:
     """Loss (cross-entropy + penalty, as Keras's `evaluate`) and accuracy of one model, in
     chunks of `batch_size` (each split over the devices by `batch_sharding`, if given)."""
     n = images.shape[0]
@@ -236,7 +265,8 @@ def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, 
                                    for a in (images, labels, weights))
 
     def chunk(sums, batch):
-        m = eval_step(state.params, state.hparams, Batch(*batch), model=model)
+        m = eval_step(state.params, state.hparams, Batch(*batch), model=model,
+                      loss_form=loss_form)
         return (sums[0] + m.cross_entropy * m.count, sums[1] + m.accuracy * m.count), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -249,11 +279,11 @@ def evaluate_arrays(state: TrainState, images: jax.Array, labels: jax.Array, *, 
 
 def evaluate_stack(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
                    batch_size: int, batch_sharding: jax.sharding.Sharding | None = None,
-                   ) -> dict[str, jax.Array]:
+                   loss_form: str = "logits") -> dict[str, jax.Array]:
     """`evaluate_arrays` for every model of a (S, V) stack; values of shape (S, V)."""
     s, v = stack_shape(state)
     fn = functools.partial(evaluate_arrays, model=model, batch_size=batch_size,
-                           batch_sharding=batch_sharding)
+                           batch_sharding=batch_sharding, loss_form=loss_form)
     per_seed = over_models(fn, v, (0, None, None))
     return over_models(per_seed, s, (0, None, None))(state, images, labels)
 
@@ -262,6 +292,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
                 model: MLP, tx: optax.GradientTransformation, batch_size: int,
                 eval_batch_size: int,
                 batch_sharding: jax.sharding.Sharding | None = None,
+                loss_form: str = "logits",
                 ) -> tuple[TrainState, EpochMetrics]:
     """One epoch of every model in the (S, V) stack, then validation, in one program.
 
@@ -278,7 +309,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
     weights = weights[0]  # the padding sits at the same place for every seed
     first_step = epoch * steps
 
-    step = functools.partial(train_step, model=model, tx=tx)
+    step = functools.partial(train_step, model=model, tx=tx, loss_form=loss_form)
     single = (s, v) == (1, 1)
 
     def per_model(a):  # (S, ...) -> (S * V, ...): each model gets its seed's value
@@ -336,7 +367,8 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
 
     if data.val_images.shape[0]:
         val = evaluate_stack(state, data.val_images, data.val_labels, model=model,
-                             batch_size=eval_batch_size, batch_sharding=batch_sharding)
+                             batch_size=eval_batch_size, batch_sharding=batch_sharding,
+                             loss_form=loss_form)
     else:
         nan = jnp.full((s, v), jnp.nan, jnp.float32)
         val = {"loss": nan, "cross_entropy": nan, "accuracy": nan}
