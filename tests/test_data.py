@@ -325,3 +325,33 @@ def test_tfds_with_other_data_is_rejected():
     with tfds.testing.mock_data(num_examples=5):
         with pytest.raises(sources.SourceError, match="5 records, MNIST has 60000"):
             sources.fetch_tfds()
+
+
+def test_a_full_disk_at_the_cache_is_one_warning_and_the_data_still_loads(mnist, tmp_path,
+                                                                          monkeypatch, caplog):
+    """ENOSPC while caching: one warning naming the directory and the cause; MNIST is used
+    from memory, and no manifest (the cache's commit point) or temporary file is left."""
+    import errno
+    import shutil
+
+    from mnist_jax import files
+
+    target = tmp_path / "idx"
+    target.mkdir()
+    for spec in idx.IDX_FILES:
+        shutil.copy(mnist.cache_dir / spec.name, target / spec.name)
+    real = files._new_file
+
+    def new_file(path):
+        if path.name == data.MANIFEST:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / ".tmp"))
+        return real(path)
+
+    monkeypatch.setattr(files, "_new_file", new_file)
+    with caplog.at_level(logging.WARNING, logger="mnist_jax.data"):
+        got = data.load_mnist(target, source="idx-dir")
+    assert got.cache_dir is None
+    assert f"could not cache MNIST in {target}" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert not (target / data.MANIFEST).exists() and not list(target.glob(".*tmp*"))
+    np.testing.assert_array_equal(got.train_labels, mnist.train_labels)

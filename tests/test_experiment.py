@@ -33,7 +33,7 @@ def check_png(path):
 def test_experiment_writes_every_file(one_epoch):
     out, done = one_epoch
     names = list(VARIANTS)
-    expected = ({"report.md", "metrics.json", "run.json", "figures", "checkpoints"}
+    expected = ({"report.md", "metrics.json", "run.json", "figures", "checkpoints", ".lock"}
                 | {f"history_{n}.csv" for n in names})
     assert {p.name for p in out.iterdir()} == expected
     figures = {p.stem for p in (out / "figures").iterdir()}

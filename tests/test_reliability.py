@@ -1,8 +1,11 @@
 """Reliability: exact resume after SIGKILL and Ctrl-C, the divergence guard, validation of
 every setting before any work, and writes that never leave half a file."""
 
+import errno
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +81,10 @@ def test_sigkill_then_resume_is_bitwise_identical(mnist, tmp_path, env, referenc
     if kill_after:
         wait_for_checkpoint(out, kill_after, process)
     else:
+        deadline = time.monotonic() + 120
         while not (out / "run.json").exists():  # killed before its first checkpoint
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "run.json never appeared"
             time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate()
@@ -97,13 +103,207 @@ def test_ctrl_c_checkpoints_explains_and_resumes(mnist, tmp_path, env, reference
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert f"resume with: mnist-jax experiment --resume {out}" in stderr
+    assert f"resume with: mnist-jax train --resume {out}" in stderr
     assert "Traceback" not in stderr
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < 4
     assert (out / "checkpoints" / str(record["epochs_done"])).is_dir()
     run_cli("experiment", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
     assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_preempts_like_ctrl_c_with_exit_143(mnist, tmp_path, env, reference):
+    """What SLURM, Kubernetes and spot preemption send before SIGKILL: the epoch in flight is
+    finished and checkpointed, run.json says so, and the resume command fits the run."""
+    out = tmp_path / "run"
+    process = start(out, mnist, env)
+    wait_for_checkpoint(out, 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: stopped after epoch" in stderr
+    assert f"resume with: mnist-jax train --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    assert (out / "checkpoints" / str(record["epochs_done"])).is_dir()
+    run_cli("train", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_at_once(mnist, tmp_path, env, reference):
+    out = tmp_path / "run"
+    process = start(out, mnist, env)
+    wait_for_checkpoint(out, 1, process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "stopped; the newest checkpoint is kept" in stderr and "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    run_cli("train", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
+    assert_same_run(out, reference)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1.6 MB tmpfs: room for one checkpoint of one model (1.1 MB), not two. Mounting needs
+    root (CI and the development machines run as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(mnist, env, tiny_disk,
+                                                                       reference):
+    """A real full filesystem under a run: the second checkpoint does not fit."""
+    out = tiny_disk / "run"
+    done = run_cli(*ARGS, "--out", out, "--data-dir", mnist.cache_dir, "--quiet", check=False,
+                   **env)
+    assert done.returncode == 74, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"could not write checkpoint {out / 'checkpoints' / '2'}: No space left on device" \
+        in lines[0]
+    assert f"mnist-jax train --resume {out}" in lines[0]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["epochs_done"] == 1
+    # Space freed (the filesystem grown), the run resumes and ends as if never stopped.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_disk)], check=True)
+    run_cli("train", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **env)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert_same_run(out, reference)
+
+
+def test_one_writer_per_run_directory(mnist, tmp_path, capsys):
+    """A second process on a run directory is refused, naming the holder; --overwrite does
+    not delete a live run's files; a killed holder leaves no stale lock."""
+    out = tmp_path / "run"
+    common = ("--epochs", 1, "--out", out, "--data-dir", mnist.cache_dir, "--quiet",
+              "--no-compilation-cache")
+    run_main(capsys, "train", "--variant", "baseline", *common)
+    before = (out / "metrics.json").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
+                              text=True, env=cli_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = run_main(capsys, "train", "--variant", "l2", *common, "--overwrite", check=False)
+        assert done.returncode == 2, done.stderr
+        assert (f"--out {out} is in use by another run (pid {holder.pid} on "
+                f"{socket.gethostname()}") in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert (out / "metrics.json").read_bytes() == before
+        done = run_main(capsys, "train", "--resume", out, "--no-compilation-cache",
+                        check=False)
+        assert done.returncode == 2 and "is in use by another run" in done.stderr
+    finally:
+        holder.kill()
+        holder.communicate()
+    run_main(capsys, "train", "--variant", "l2", *common, "--overwrite")
+    assert list(json.loads((out / "metrics.json").read_text())["variants"]) == ["l2"]
+
+
+HOLDER = """
+import sys, time
+from mnist_jax import files
+with files.exclusive(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def no_space_for(monkeypatch, name):
+    """Every write of a file called `name` fails as on a full disk."""
+    real = files._new_file
+
+    def new_file(path):
+        if path.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / ".tmp"))
+        return real(path)
+
+    monkeypatch.setattr(files, "_new_file", new_file)
+
+
+@pytest.mark.parametrize("name", ["report.md", "metrics.json", "comparison.png",
+                                  "history_baseline.csv"])
+def test_a_failed_result_write_names_the_file_and_the_cause(mnist, tmp_path, capsys,
+                                                            monkeypatch, name):
+    out = tmp_path / "run"
+    no_space_for(monkeypatch, name)
+    done = run_main(capsys, "train", "--variant", "baseline", "--epochs", 1, "--out", out,
+                    "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache",
+                    check=False)
+    assert done.returncode == 74, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    target = out / "figures" / name if name.endswith(".png") else out / name
+    assert lines[0].startswith(f"mnist-jax: error: could not write {target}: No space left")
+    assert f"mnist-jax train --resume {out}" in lines[0]
+    assert not target.exists() and not [p for p in out.rglob("*.tmp*")]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["epochs_done"] == 1
+    monkeypatch.undo()  # space again: the finished run writes its results on resume
+    run_main(capsys, "train", "--resume", out, "--quiet", "--no-compilation-cache")
+    assert target.exists() and json.loads((out / "run.json").read_text())["status"] == \
+        "complete"
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(mnist, tmp_path, capsys,
+                                                          monkeypatch):
+    """Orbax reports a full disk as tensorstore words it (a ValueError carrying the errno)."""
+    out = tmp_path / "run"
+    real = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 2:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"x\": Failed to write 15566 "
+                             "bytes to file 17: No space left on device [os_error_code='28']")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    done = run_main(capsys, "train", "--variant", "baseline", "--epochs", 3, "--out", out,
+                    "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache",
+                    check=False)
+    assert done.returncode == 74, done.stderr
+    assert (f"could not write checkpoint {out / 'checkpoints' / '2'}: No space left on device"
+            in done.stderr) and "newest checkpoint is of epoch 1" in done.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["epochs_done"] == 1
+    monkeypatch.undo()
+    done = run_main(capsys, "train", "--resume", out, "--no-compilation-cache")
+    assert "resuming after epoch 1 of 3" in done.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_umask_s_permissions(mnist, tmp_path, capsys, umask):
+    """As plain open(..., 'w') would make them: 0644 under umask 022, 0640 under 027, for the
+    results, the checkpoints and the MNIST cache alike (they were all 0600)."""
+    from mnist_jax import data, idx
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        run_main(capsys, "train", "--variant", "baseline", "--epochs", 1, "--out", out,
+                 "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
+        raw = {spec.name: (mnist.cache_dir / spec.name).read_bytes() for spec in idx.IDX_FILES}
+        data._write_cache(tmp_path / "cache", raw, "test")
+    finally:
+        os.umask(old)
+    written = [p for p in [*out.rglob("*"), *(tmp_path / "cache").iterdir()] if p.is_file()]
+    assert len(written) > 20
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_divergence_exits_non_zero_and_keeps_nothing_bad(mnist, tmp_path, capsys):

@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from mnist_jax.errors import ConfigError, Interrupted, MnistJaxError, TrainingDiverged
+from mnist_jax.errors import (
+    ConfigError,
+    Interrupted,
+    MnistJaxError,
+    TrainingDiverged,
+    WriteError,
+)
 
-EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+# 2: a setting, the data or the checkpoints need the user; 3: training diverged; 74 (EX_IOERR):
+# a write failed (disk full); 128 + N: stopped by signal N (130 Ctrl-C, 143 SIGTERM).
+EXIT_ERROR, EXIT_DIVERGED, EXIT_IO, EXIT_SIGNAL = 2, 3, 74, 128
 
 
 def _say(quiet: bool):
@@ -35,6 +44,14 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     g.add_argument("--dropout", type=float,
                    help="dropout rate of the dropout variants (default 0.45)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
+    g.add_argument("--optimizer", choices=("keras-adam", "adam"), default=None,
+                   help="Adam as Keras computes it (keras-adam, the default: eps added to the "
+                        "uncorrected sqrt(v)) or optax's adam (eps added to the bias-corrected "
+                        "sqrt(v))")
+    g.add_argument("--loss", choices=("logits", "clipped"), default=None,
+                   help="cross-entropy from the logits (default, as Keras on TensorFlow) or "
+                        "from clipped probabilities (as Keras on JAX and PyTorch), in training "
+                        "and evaluation alike")
     if several:
         g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
                                        "seed, in one compiled program (default 0)")
@@ -156,7 +173,8 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
     given = {"epochs": args.epochs, "batch_size": args.batch_size,
              "validation_split": args.validation_split, "learning_rate": args.lr,
              "eval_batch_size": args.eval_batch_size, "data_parallel": data_parallel,
-             "schedule": args.schedule, "dropout_rng": args.dropout_rng}
+             "schedule": args.schedule, "dropout_rng": args.dropout_rng,
+             "optimizer": args.optimizer, "loss": args.loss}
     given = {k: v for k, v in given.items() if v is not None}
     top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
                              ("dropout", args.dropout)) if v is not None}
@@ -193,7 +211,7 @@ def _run(args, config) -> int:
         runtime.enable_compilation_cache()
     results = train_and_evaluate(config, out, data_dir=args.data_dir,
                                  resume=args.resume is not None, overwrite=args.overwrite,
-                                 progress=not args.quiet, echo=say)
+                                 progress=not args.quiet, echo=say, command=args.command)
     if not args.quiet:
         print(_results_table(results))
         print(f"report: {out / 'report.md'}")
@@ -243,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except Interrupted as e:
         print(f"mnist-jax: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+        return EXIT_SIGNAL + e.signum
+    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C outside training
         print("mnist-jax: stopped; the newest checkpoint is kept (continue with --resume)",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_SIGNAL + getattr(e, "signum", signal.SIGINT)
+    except WriteError as e:
+        print(f"mnist-jax: error: {e}", file=sys.stderr)
+        return EXIT_IO
     except MnistJaxError as e:
         print(f"mnist-jax: error: {e}", file=sys.stderr)
         return EXIT_ERROR

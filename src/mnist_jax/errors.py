@@ -24,4 +24,26 @@ class TrainingDiverged(MnistJaxError):  # noqa: N818 - a state, like StopIterati
 
 
 class Interrupted(MnistJaxError):  # noqa: N818
-    """Ctrl-C: the epoch in flight was finished and checkpointed; the run can be resumed."""
+    """Ctrl-C or SIGTERM (preemption): the epoch in flight was finished and checkpointed; the
+    run can be resumed. `signum` is the signal that asked for it."""
+
+    def __init__(self, message: str, *, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopNow(KeyboardInterrupt):  # noqa: N818 - like KeyboardInterrupt, escapes `except Exception`
+    """A second Ctrl-C or SIGTERM: stop at once; the newest checkpoint is kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class WriteError(MnistJaxError):
+    """A checkpoint or result could not be written (disk full, I/O error); what was written
+    before is intact."""
+
+
+class CheckpointError(MnistJaxError):
+    """No intact checkpoint to resume from; the message names the directory and what to do."""

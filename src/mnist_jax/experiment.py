@@ -28,7 +28,13 @@ from mnist_jax.config import (
     select_variants,
 )
 from mnist_jax.data import MNIST
-from mnist_jax.errors import ConfigError, Interrupted, TrainingDiverged
+from mnist_jax.errors import (
+    ConfigError,
+    Interrupted,
+    StopNow,
+    TrainingDiverged,
+    WriteError,
+)
 from mnist_jax.model import count_params, summary
 
 FIGURES = "figures"
@@ -68,6 +74,8 @@ class ExperimentConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
         train = dict(d["train"])
         train["hidden"] = tuple(train["hidden"])
+        # Runs started before the optimizer was a setting trained with optax's Adam.
+        train.setdefault("optimizer", "adam")
         return cls(variants=tuple(d["variants"]), seeds=tuple(d["seeds"]), l2=d["l2"],
                    dropout=d["dropout"], train=TrainConfig(**train))
 
@@ -256,7 +264,7 @@ def _clear_outputs(out: Path) -> None:
 
 
 def prepare_run_dir(out_dir: str | Path, config: ExperimentConfig, *, resume: bool,
-                    overwrite: bool) -> Path:
+                    overwrite: bool, command: str = "experiment") -> Path:
     """Checks that `out_dir` may receive this run, then records its config there."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -274,7 +282,8 @@ def prepare_run_dir(out_dir: str | Path, config: ExperimentConfig, *, resume: bo
         _clear_outputs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        files.write_json(out / RUN_FILE, {"config": config.to_dict(), "status": "running"})
+        files.write_json(out / RUN_FILE, {"config": config.to_dict(), "command": command,
+                                          "status": "running"})
     except OSError as e:
         raise ConfigError(f"--out {out} is not writable ({e}); choose another --out") from e
     return out
@@ -285,37 +294,49 @@ def _set_status(out: Path, status: str, **extra: Any) -> None:
     files.write_json(out / RUN_FILE, {**record, "status": status, **extra})
 
 
+# Signals that ask a run to stop: Ctrl-C, and SIGTERM, which SLURM, Kubernetes, spot and TPU
+# preemption and `timeout` send before SIGKILL.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _deferred_interrupt(echo: Callable[[str], None]):
-    """First Ctrl-C: finish the epoch in flight, checkpoint it, then stop. Second: stop now."""
-    requested = []
+    """First Ctrl-C or SIGTERM: finish the epoch in flight, checkpoint it, then stop (the list
+    yielded receives the signal's number). A second one: stop at once (StopNow)."""
+    requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum, frame):
         if requested:
-            raise KeyboardInterrupt
-        requested.append(True)
-        echo("\ninterrupt: finishing this epoch and saving a checkpoint "
-             "(Ctrl-C again to stop at once)")
+            raise StopNow(signum)
+        requested.append(signum)
+        again = "Ctrl-C" if signum == signal.SIGINT else "a second SIGTERM"
+        echo(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint "
+             f"({again} stops at once)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                        data_dir: str | Path | None = None, resume: bool = False,
                        overwrite: bool = False, progress: bool = True,
-                       echo: Callable[[str], None] = print) -> dict[str, Any]:
+                       echo: Callable[[str], None] = print,
+                       command: str = "experiment") -> dict[str, Any]:
     """The main job: validate everything, then run the study into `out_dir`, checkpointing
-    every epoch; with `resume`, continue the run there from its newest checkpoint.
+    every epoch; with `resume`, continue the run there from its newest intact checkpoint.
 
-    Raises ConfigError before any work for bad settings, TrainingDiverged (the last good
-    checkpoint kept) and Interrupted (after checkpointing) otherwise.
+    One process at a time holds `out_dir` (a lock; a second is refused). Raises ConfigError
+    before any work for bad settings, CheckpointError when no checkpoint is intact,
+    TrainingDiverged (the last good checkpoint kept), Interrupted (after checkpointing, on
+    Ctrl-C or SIGTERM) and WriteError (disk full, I/O error) otherwise; `run.json` records
+    the outcome. `command` is the CLI command that resumes the run, for messages.
     """
     from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
     from mnist_jax.data import check_data_dir, load_mnist
@@ -323,8 +344,22 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     config.validate()
     check_data_dir(data_dir)
     primary = jax.process_index() == 0
-    out = (prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite) if primary
-           else Path(out_dir))
+    out = Path(out_dir)
+    with contextlib.ExitStack() as held:
+        if primary:
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file; choose a directory")
+            if resume:
+                load_run_config(out)  # nothing there: say so before creating anything
+            held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
+            prepare_run_dir(out, config, resume=resume, overwrite=overwrite, command=command)
+        return _train_into(config, out, data_dir, resume, progress, echo, command, primary,
+                           checkpoint, load_mnist)
+
+
+def _train_into(config, out, data_dir, resume, progress, echo, command, primary, checkpoint,
+                load_mnist) -> dict[str, Any]:
+    """train_and_evaluate's work once the run directory is held."""
     mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
     mgr = checkpoint.manager(out / CHECKPOINTS)
@@ -335,24 +370,46 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
             echo(f"no checkpoint in {out / CHECKPOINTS} yet: starting from epoch 1")
         else:
             echo(f"resuming after epoch {stack.epochs_done} of {config.train.epochs}")
+    resume_with = f"mnist-jax {command} --resume {out}"
     with _deferred_interrupt(echo) as interrupt:
         def on_epoch_end(s: fit.Stack) -> None:
             checkpoint.save(mgr, s)
             if interrupt and s.epochs_done < config.train.epochs:
-                raise Interrupted(f"interrupted after epoch {s.epochs_done} of "
+                name = signal.Signals(interrupt[0]).name
+                raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
                                   f"{config.train.epochs}, checkpoint saved; resume with: "
-                                  f"mnist-jax experiment --resume {out}")
+                                  f"{resume_with}", signum=interrupt[0])
         try:
             results = run_experiment(config, mnist, out, progress=progress, echo=echo,
                                      on_epoch_end=on_epoch_end, stack=stack)
-        except Interrupted:
+        except Interrupted as e:
             if primary:
-                _set_status(out, "interrupted", epochs_done=stack.epochs_done)
+                _set_status(out, "interrupted", epochs_done=stack.epochs_done,
+                            signal=signal.Signals(e.signum).name, resume=resume_with)
             raise
         except TrainingDiverged as e:
             if primary:
                 _set_status(out, "diverged", epochs_done=stack.epochs_done, error=str(e))
             raise
+        except KeyboardInterrupt as e:  # a second signal (StopNow): at once, mid-epoch
+            if primary:
+                mgr.reload()
+                _set_status(out, "interrupted", epochs_done=mgr.latest_step() or 0,
+                            signal=signal.Signals(getattr(e, "signum", signal.SIGINT)).name,
+                            resume=resume_with)
+            raise
+        except (OSError, WriteError) as e:  # a full disk, an I/O error
+            what = (str(e) if isinstance(e, WriteError) else
+                    f"could not write {e.filename or out}: {checkpoint.cause(e)}")
+            mgr.reload()
+            kept = mgr.latest_step() or 0  # a failed save leaves the previous one newest
+            error = WriteError(f"{what}. What was written before is intact (the newest "
+                               f"checkpoint is of epoch {kept}); free space or fix the disk, "
+                               f"then continue with: {resume_with}")
+            if primary:
+                with contextlib.suppress(OSError):  # the disk may refuse this too
+                    _set_status(out, "failed", epochs_done=kept, error=str(error))
+            raise error from e
         finally:
             mgr.close()
     if primary:

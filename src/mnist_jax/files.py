@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of either) with
+the permissions the user's umask gives, and the lock that keeps one writer per run directory."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import json
 import os
-import tempfile
+import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from mnist_jax.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -20,18 +26,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                                    dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_file(path)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is not None:  # name the file the user knows, not the temporary one
+            e.filename, e.filename2 = str(path), None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _new_file(path: Path) -> Path:
+    """An empty file of a fresh name beside `path`, mode 0666 less the umask, as `open(..., 'w')`
+    makes one (tempfile.mkstemp makes 0600: colleagues could not read a run, nor a shared
+    cache)."""
+    while True:
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,3 +70,41 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` as indented JSON to `path` atomically; NaN and infinity are rejected."""
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, flag: str = "--out") -> Iterator[None]:
+    """Holds an exclusive lock on `directory` (created if missing) for the block: one writer per
+    run directory. The kernel releases a flock when its holder dies, so a SIGKILLed run leaves
+    no stale lock. A second holder is refused with ConfigError naming the first (pid, host)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ConfigError(f"{flag} {directory} is not writable ({e.strerror}); choose "
+                          f"another {flag}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        raise ConfigError(
+            f"{flag} {directory} is in use by another run (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to "
+            f"finish or stop it, or choose another {flag}") from None
+    try:
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": datetime.datetime.now().astimezone().isoformat(
+                                 timespec="seconds")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+LOCK_FILE = ".lock"
