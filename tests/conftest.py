@@ -40,11 +40,11 @@ def fetched(tmp_path_factory):
         def emit(self, record):
             records.append(record)
 
-    handler = Keep(level=logging.INFO)
+    handler = Keep(level=logging.DEBUG)
     logger = logging.getLogger("mnist_jax.data")
     logger.addHandler(handler)
     old_level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         cache = tmp_path_factory.mktemp("mnist-cache")
         mnist = load_mnist(cache, mirrors=(CLOSED_PORT_MIRROR,))

@@ -32,10 +32,24 @@ def run_main(capsys, *args, check=True) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("command", ["", "data", "eda", "train", "experiment"])
+HELP = {  # what each command's help must tell a newcomer
+    "": ["data", "eda", "train", "experiment", "the Keras study"],
+    "data": ["--source", "--verify", "SHA-256"],
+    "eda": ["figures/label_distribution.png", "--seed"],
+    "train": ["--variant", "baseline, l2, dropout or l2_dropout", "--resume DIR",
+              "l2 penalises hidden_1's kernel, l2_dropout both", "--optimizer", "--loss"],
+    "experiment": ["--variants", "--seeds", "0-4", "--schedule", "--data-parallel",
+                   "l2 penalises hidden_1's kernel", "after both hidden layers"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP))
 def test_help(command):
     done = run_cli(*([command] if command else []), "--help")
-    assert "usage: mnist-jax" in done.stdout
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert text.startswith(f"usage: mnist-jax {command}".strip())
+    for phrase in HELP[command]:
+        assert phrase in text, phrase
 
 
 def test_data_command_describes_the_verified_cache(mnist):

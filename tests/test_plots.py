@@ -1,4 +1,5 @@
-"""Figures: each one renders, saves atomically as a readable PNG, and counts correctly."""
+"""Figures: each renders and saves atomically as a readable PNG, and draws the numbers it
+should (checked on the figure's own data: bar heights, points, intervals, cell texts)."""
 
 import matplotlib.image
 import numpy as np
@@ -38,7 +39,12 @@ def test_digit_grid_places_each_image_under_its_caption():
 
 
 def test_label_distribution_and_digits(mnist, tmp_path):
-    saved(plots.label_distribution(mnist.train_labels, mnist.test_labels), tmp_path / "l.png")
+    fig = plots.label_distribution(mnist.train_labels, mnist.test_labels)
+    for ax, labels in zip(fig.axes, (mnist.train_labels, mnist.test_labels), strict=True):
+        heights = [bar.get_height() for bar in ax.patches]
+        assert heights == np.bincount(labels, minlength=10).tolist()  # 5923, 6742, ...
+        assert [t.get_text() for t in ax.texts] == [str(h) for h in heights]
+    saved(fig, tmp_path / "l.png")
     fig = plots.random_digits(mnist.train_images, mnist.train_labels, seed=1)
     titles = captions(fig)
     assert len(titles) == 25 and all(t.startswith("label ") for t in titles)
@@ -56,12 +62,51 @@ def test_history_curves_one_run_and_several(tmp_path):
     saved(fig, tmp_path / "two.png")
 
 
-def test_comparison(tmp_path):
-    fig = plots.compare_variants({"a": [HISTORY], "b": [HISTORY]}, {"a": [0.97], "b": [0.98]})
+def test_comparison_shows_test_accuracy_as_points_with_95_intervals_in_percent(tmp_path):
+    """Points at the mean with Student-t intervals over seeds (n stated), an axis in %, no
+    bars cut off at 96%; the loss panel plots the cross-entropy without the penalty."""
+    runs = {"a": [0.970, 0.975, 0.972], "b": [0.980, 0.981, 0.979]}
+    penalised = {**HISTORY, "val_cross_entropy": [0.3, 0.2, 0.18], "penalty": [0.1] * 3}
+    fig = plots.compare_variants({"a": [penalised] * 3, "b": [penalised] * 3}, runs)
+    ax_loss, ax_acc, ax_test = fig.axes
+    assert "cross-entropy" in ax_loss.get_title() and "%" in ax_acc.get_ylabel()
+    np.testing.assert_allclose(ax_loss.lines[0].get_ydata(), [0.3, 0.2, 0.18])
+    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [88, 91, 92])
+    assert ax_test.get_ylabel() == "test accuracy (%)" and "n = 3 seeds" in ax_test.get_title()
+    assert not ax_test.patches, "bars"
+    for container, name in zip(ax_test.containers, runs, strict=True):
+        values = 100 * np.asarray(runs[name])
+        half = 4.3027 * values.std(ddof=1) / np.sqrt(3)  # t_0.975(2) = 4.3027
+        (point,), (bar,) = container.lines[0].get_ydata(), container.lines[2]
+        assert point == pytest.approx(values.mean())
+        np.testing.assert_allclose(bar.get_segments()[0][:, 1],
+                                   [values.mean() - half, values.mean() + half])
     saved(fig, tmp_path / "c.png")
-    fig = plots.compare_variants({"a": [HISTORY, HISTORY], "b": [HISTORY, HISTORY]},
-                                 {"a": [0.97, 0.975], "b": [0.98, 0.981]})
-    saved(fig, tmp_path / "c2.png")
+    one = plots.compare_variants({"a": [HISTORY], "b": [HISTORY]}, {"a": [0.97], "b": [0.98]})
+    assert "one seed: no interval" in one.axes[2].get_title()
+    assert one.axes[2].containers[0].lines[0].get_ydata()[0] == pytest.approx(97.0)
+    saved(one, tmp_path / "c1.png")
+
+
+def test_a_one_epoch_run_draws_visible_points_on_whole_epochs(tmp_path):
+    """A single point without a marker draws nothing, and the axis read 0.945 ... 1.050."""
+    one = {k: v[:1] for k, v in HISTORY.items()}
+    for fig in (plots.history_curves(one),
+                plots.compare_variants({"a": [one], "b": [one]}, {"a": [0.9], "b": [0.91]})):
+        for ax in fig.axes[:2]:
+            assert ax.lines and all(line.get_marker() == "o" for line in ax.lines)
+            assert ax.get_xlim() == (0.5, 1.5)
+            ticks = [t for t in ax.get_xticks() if 0.5 <= t <= 1.5]
+            assert ticks == [1.0]
+    long = {k: v * 10 for k, v in HISTORY.items()}  # 30 epochs: lines without markers
+    assert plots.history_curves(long).axes[0].lines[0].get_marker() in (None, "None", "")
+
+
+def test_curves_say_what_their_loss_is():
+    assert plots.history_curves(HISTORY).axes[0].get_title() == "loss (cross-entropy)"
+    with_l2 = {**HISTORY, "penalty": [0.2, 0.15, 0.1]}
+    assert plots.history_curves(with_l2).axes[0].get_title() == \
+        "loss (cross-entropy + L2 penalty)"
 
 
 def test_confusion_matrix_counts():
@@ -77,7 +122,11 @@ def test_confusion_and_misclassified_figures(mnist, tmp_path):
     true = mnist.test_labels[:200].astype(np.int64)
     pred = true.copy()
     pred[::7] = (pred[::7] + 1) % 10
-    saved(plots.confusion(true, pred), tmp_path / "cm.png")
+    fig = plots.confusion(true, pred)
+    counts = np.array([int(t.get_text()) for t in fig.axes[0].texts]).reshape(10, 10)
+    np.testing.assert_array_equal(counts, plots.confusion_matrix(true, pred))
+    assert counts.sum() == 200 and np.trace(counts) == 200 - len(pred[::7])
+    saved(fig, tmp_path / "cm.png")
     fig = plots.misclassified(mnist.test_images[:200], true, pred)
     titles = captions(fig)
     assert titles[0] == f"{true[0]} → {pred[0]}" and len(titles) == 25

@@ -345,40 +345,99 @@ def test_divergence_keeps_the_last_good_checkpoint(splits, tmp_path):
     mgr.close()
 
 
-BAD_SETTINGS = [
-    (("--dropout", "1.5"), "--dropout 1.5 must lie in [0, 1)"),
-    (("--dropout", "-0.1"), "--dropout -0.1 must lie in [0, 1)"),
-    (("--l2", "-0.001"), "--l2 -0.001 must be a finite number >= 0"),
-    (("--l2", "-1", "--variants", "baseline"), "--l2 -1.0 must be a finite number >= 0"),
-    (("--batch-size", "0"), "--batch-size 0 must be an integer between 1 and 42000"),
-    (("--batch-size", "60000"), "--batch-size 60000 must be an integer between 1 and 42000"),
-    (("--epochs", "0"), "--epochs 0 must be an integer >= 1"),
-    (("--validation-split", "1.0"), "--validation-split 1.0 must lie in [0, 1)"),
-    (("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
-    (("--lr", "nan"), "--lr nan must be a finite number >= 0"),
-    (("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline, l2"),
-    (("--variants", "l2,l2"), "--variants lists a variant twice"),
-    (("--seeds", "0,x"), "--seeds '0,x' must be integers"),
-    (("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
-    (("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
-    (("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
-    (("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
-    (("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not exist"),
-    (("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run there"),
+BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
+    ("experiment", ("--dropout", "1.5"), "--dropout 1.5 must lie in [0, 1)"),
+    ("experiment", ("--dropout", "-0.1"), "--dropout -0.1 must lie in [0, 1)"),
+    ("experiment", ("--dropout", "x"), "--dropout 'x' must be in [0, 1)"),
+    ("experiment", ("--l2", "-0.001"), "--l2 -0.001 must be a finite number >= 0"),
+    ("experiment", ("--l2", "x"), "--l2 'x' must be a finite number >= 0"),
+    ("experiment", ("--l2", "0.01", "--variants", "baseline,dropout"),
+     "--l2 0.01 changes nothing: no chosen variant (baseline, dropout) has an L2 penalty"),
+    ("experiment", ("--batch-size", "0"), "--batch-size 0 must be an integer between 1 and 42000"),
+    ("experiment", ("--batch-size", "60000"),
+     "--batch-size 60000 must be an integer between 1 and 42000"),
+    ("experiment", ("--batch-size", "x"), "--batch-size 'x' must be an integer >= 1"),
+    ("experiment", ("--epochs", "0"), "--epochs 0 must be an integer >= 1"),
+    ("experiment", ("--epochs", "2.5"), "--epochs '2.5' must be an integer >= 1"),
+    ("experiment", ("--validation-split", "1.0"), "--validation-split 1.0 must lie in [0, 1)"),
+    ("experiment", ("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
+    ("experiment", ("--validation-split", "half"), "--validation-split 'half' must be in [0, 1)"),
+    ("experiment", ("--lr", "nan"), "--lr nan must be a finite number >= 0"),
+    ("experiment", ("--lr", "fast"), "--lr 'fast' must be a finite number >= 0"),
+    ("experiment", ("--optimizer", "sgd"), "--optimizer 'sgd' must be one of 'keras-adam', "
+                                            "'adam'"),
+    ("experiment", ("--loss", "mse"), "--loss 'mse' must be one of 'logits', 'clipped'"),
+    ("experiment", ("--schedule", "fast"), "--schedule 'fast' must be one of 'auto', 'stack'"),
+    ("experiment", ("--dropout-rng", "x"), "--dropout-rng 'x' must be one of 'hash', "
+                                            "'threefry'"),
+    ("experiment", ("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline"),
+    ("experiment", ("--variants", "l2,l2"), "--variants lists a variant twice"),
+    ("experiment", ("--seeds", "0,x"), "--seeds '0,x' must be integers"),
+    ("experiment", ("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
+    ("experiment", ("--seeds", "3-1"), "--seeds '3-1': the range 3-1 is reversed; write 1-3"),
+    ("experiment", ("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
+    ("experiment", ("--eval-batch-size", "1.5"), "--eval-batch-size '1.5' must be an integer"),
+    ("experiment", ("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
+    ("experiment", ("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
+    ("experiment", ("--data-dir", "/nonexistent/mnist"),
+     "data directory /nonexistent/mnist does not exist"),
+    ("experiment", ("--out", "{file}"), "is a file; choose a directory"),
+    ("experiment", ("--resume", "/nonexistent/run"),
+     "--resume /nonexistent/run: there is no run there"),
+    ("experiment", ("--resume", "{file}"), "is a file; give the run's directory"),
+    ("train", ("--variant", "huge"), "unknown variant 'huge'; choose from baseline"),
+    ("train", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
+    ("train", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("train", ("--variant", "baseline", "--dropout", "0.2"),
+     "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
+    ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
+    ("data", ("--source", "ftp"), "--source 'ftp' must be one of 'auto', 'cache'"),
+    ("data", ("--verify", "half"), "--verify 'half' must be one of 'quick', 'full'"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
-def test_bad_settings_fail_at_once_with_the_flag_and_range(tmp_path, capsys, args, message):
+@pytest.mark.parametrize("command, args, message", BAD_SETTINGS,
+                         ids=[" ".join((c, *a)) for c, a, _ in BAD_SETTINGS])
+def test_bad_settings_fail_at_once_with_one_line_naming_the_flag(tmp_path, capsys, command,
+                                                                  args, message):
     # In this process (its four test devices), through the CLI's own entry point; the
     # process boundary is checked once below.
     out = tmp_path / "out"
-    extra = () if "--resume" in args else ("--out", out)
-    done = run_main(capsys, "experiment", *args, *extra, "--no-compilation-cache", check=False)
+    (tmp_path / "file").write_text("not a directory")
+    args = tuple(a.replace("{file}", str(tmp_path / "file")) for a in args)
+    extra = (() if command in ("data", "eda") or "--resume" in args or "--out" in args
+             else ("--out", out, "--no-compilation-cache"))
+    if command == "train" and "--variant" not in args:
+        extra += ("--variant", "baseline")
+    done = run_main(capsys, command, *args, *extra, check=False)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert done.stderr.startswith("mnist-jax: error: ") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not out.exists(), "work started before the settings were checked"
+
+
+def test_every_flag_that_takes_a_value_has_a_bad_value_case():
+    """A new flag without a row above fails here: every flag keeps the one-line promise."""
+    from mnist_jax import cli
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    covered = {(c, a) for c, args, _ in BAD_SETTINGS for a in args if a.startswith("--")}
+    missing = [(name, flag) for name, parser in commands.items() for action in parser._actions
+               if action.nargs != 0 for flag in action.option_strings
+               if (name, flag) not in covered and flag.startswith("--")
+               and (name, flag) not in NO_BAD_VALUE]
+    assert not missing, missing
+
+
+# Paths that may not exist yet (any value is valid), and `train`'s training flags, which are
+# `experiment`'s (one argument group, cli._training; the rows above cover them).
+NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
+                ("train", "--out"), ("train", "--resume"), ("train", "--data-dir"),
+                ("train", "--epochs"), ("train", "--batch-size"), ("train", "--validation-split"),
+                ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
+                ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
+                ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng")}
 
 
 def test_a_bad_setting_exits_the_process_with_2_and_no_traceback(tmp_path):
@@ -402,6 +461,19 @@ def test_an_existing_run_is_never_overwritten_by_accident(mnist, tmp_path, capsy
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["l2"]
     assert not (out / "history_baseline.csv").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_main(capsys, "train", "--variant", "baseline", "--epochs", 1, "--out", out,
+             "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache")
+    results = [p for p in out.rglob("*") if p.is_file() and p.name != ".lock"]
+    before = {p: p.read_bytes() for p in results}
+    done = run_main(capsys, "train", "--resume", out, "--no-compilation-cache")
+    assert f"the run in {out} is complete (1 of 1 epochs): nothing to resume" in done.stderr
+    assert "compiled in" not in done.stderr and "trained in" not in done.stderr
+    assert "baseline" in done.stdout and f"report: {out / 'report.md'}" in done.stdout
+    assert {p: p.read_bytes() for p in results} == before  # the lock alone names its holder
 
 
 def test_resume_refuses_other_settings(mnist, tmp_path, capsys):

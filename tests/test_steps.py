@@ -338,7 +338,7 @@ def test_every_history_entry_against_numpy(small):
     l2 = VARIANTS["l2"].l2_vector(HIDDEN)
     ce, penalty, acc = numpy_metrics(result.params, small.train_images, small.train_labels, l2)
     val_ce, _, val_acc = numpy_metrics(result.params, small.val_images, small.val_labels, l2)
-    assert penalty > 0.1  # 0.001 * sum(W1**2) of a Glorot kernel: about 0.13
+    assert penalty > 0.3  # 0.001 * sum(W1**2) of a 784x256 Glorot kernel: about 0.39
     h = result.history
     expected = {"loss": ce + penalty, "cross_entropy": ce, "penalty": penalty, "accuracy": acc,
                 "val_loss": val_ce + penalty, "val_cross_entropy": val_ce,

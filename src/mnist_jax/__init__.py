@@ -19,6 +19,7 @@ _EXPORTS = {
     "MLP": "mnist_jax.model", "summary": "mnist_jax.model",
     "prepare": "mnist_jax.fit", "Splits": "mnist_jax.fit", "train": "mnist_jax.fit",
     "train_stack": "mnist_jax.fit", "evaluate": "mnist_jax.fit", "predict": "mnist_jax.fit",
+    "evaluate_models": "mnist_jax.fit", "Stack": "mnist_jax.fit",
     "train_step": "mnist_jax.steps", "create_train_state": "mnist_jax.steps",
     "ExperimentConfig": "mnist_jax.experiment",
     "train_and_evaluate": "mnist_jax.experiment",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -36,14 +37,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     # Defaults are None so that a resumed run can tell which flags were given.
     g = parser.add_argument_group("training (defaults: the Keras study's)")
-    g.add_argument("--epochs", type=int, help="epochs (default 20)")
-    g.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    g.add_argument("--validation-split", type=float,
+    g.add_argument("--epochs", type=_number(int, "--epochs", "an integer >= 1"),
+                   help="epochs (default 20)")
+    g.add_argument("--batch-size", type=_number(int, "--batch-size", "an integer >= 1"),
+                   help="batch size (default 128)")
+    g.add_argument("--validation-split", type=_number(float, "--validation-split", "in [0, 1)"),
                    help="last fraction of the training set held out (default 0.3)")
-    g.add_argument("--l2", type=float, help="L2 coefficient of the L2 variants (default 0.001)")
-    g.add_argument("--dropout", type=float,
-                   help="dropout rate of the dropout variants (default 0.45)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
+    g.add_argument("--l2", type=_number(float, "--l2", "a finite number >= 0"),
+                   help="L2 coefficient (default 0.001) of the variants with a penalty: l2 "
+                        "penalises hidden_1's kernel, l2_dropout both hidden kernels")
+    g.add_argument("--dropout", type=_number(float, "--dropout", "in [0, 1)"),
+                   help="dropout rate (default 0.45) of the variants with dropout (dropout, "
+                        "l2_dropout: after both hidden layers)")
+    g.add_argument("--lr", type=_number(float, "--lr", "a finite number >= 0"),
+                   help="Adam learning rate (default 0.001)")
     g.add_argument("--optimizer", choices=("keras-adam", "adam"), default=None,
                    help="Adam as Keras computes it (keras-adam, the default: eps added to the "
                         "uncorrected sqrt(v)) or optax's adam (eps added to the bias-corrected "
@@ -56,8 +63,11 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
         g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
                                        "seed, in one compiled program (default 0)")
     else:
-        g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--eval-batch-size", type=int, help="evaluation chunk (default 2000)")
+        g.add_argument("--seed", type=_number(int, "--seed", "an integer >= 0"),
+                       help="seed (default 0)")
+    g.add_argument("--eval-batch-size", type=_number(int, "--eval-batch-size",
+                                                     "an integer >= 1"),
+                   help="evaluation chunk (default 2000)")
     g.add_argument("--data-parallel", default=None, metavar="N|all",
                    help="split each batch over N devices (default 1)")
     g.add_argument("--schedule", choices=("auto", "stack", "sequential", "concurrent"),
@@ -80,8 +90,30 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                         "($MNIST_JAX_COMPILATION_CACHE or ~/.cache/mnist_jax/...)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error of the command (argparse
+    prints its usage block first)."""
+
+    def error(self, message: str):
+        # '--epochs '2.5' must be ...' already names the flag: drop argparse's prefix.
+        message = re.sub(r"^argument [^:]+: (?=--)", "", message)
+        message = re.sub(r"^argument ([^:]+): invalid choice: (.+) \(choose from (.+)\)$",
+                         r"\1 \2 must be one of \3", message)
+        self.exit(EXIT_ERROR, f"mnist-jax: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, flag: str, rule: str):
+    """An argparse type: `kind(text)`, or an error naming the flag and what it must be."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} must be {rule}") from None
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mnist-jax", description="MNIST classification with MLPs in JAX/Flax/optax: the "
         "Keras study of four regularisation variants, compiled.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "figures/digits.png.")
     _common(p)
     p.add_argument("--out", type=Path, default=Path("runs/eda"), help="directory (runs/eda)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random digits")
+    p.add_argument("--seed", type=_number(int, "--seed", "an integer >= 0"), default=0,
+                   help="seed of the random digits")
     p.set_defaults(func=cmd_eda)
 
     p = sub.add_parser("train", help="train one variant, with the study's files for it",
@@ -179,8 +212,10 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
     top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
                              ("dropout", args.dropout)) if v is not None}
     if args.resume is None:
-        return ExperimentConfig(**{"l2": L2, "dropout": DROPOUT, **top,
-                                   "train": TrainConfig(**given)})
+        config = ExperimentConfig(**{"l2": L2, "dropout": DROPOUT, **top,
+                                     "train": TrainConfig(**given)})
+        _check_used(config, args)
+        return config
     saved = load_run_config(args.resume)
     pairs = [(key, value, getattr(saved, key)) for key, value in top.items()]
     pairs += [(key, value, getattr(saved.train, key)) for key, value in given.items()]
@@ -189,6 +224,22 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
             raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
                               f"run's {before}; leave it out when resuming")
     return saved
+
+
+def _check_used(config, args) -> None:
+    """--l2 or --dropout given for variants none of which has a penalty or dropout would be
+    silently ignored: an error instead."""
+    from mnist_jax.config import VARIANTS
+
+    chosen = [VARIANTS[n] for n in config.variants if n in VARIANTS]
+    for flag, value, layers, users in (("--l2", args.l2, "l2_layers", "l2, l2_dropout"),
+                                       ("--dropout", args.dropout, "dropout_layers",
+                                        "dropout, l2_dropout")):
+        if value is not None and chosen and not any(getattr(v, layers) for v in chosen):
+            names = ", ".join(v.name for v in chosen)
+            raise ConfigError(f"{flag} {value:g} changes nothing: no chosen variant ({names}) "
+                              f"has {'an L2 penalty' if flag == '--l2' else 'dropout'}; "
+                              f"choose one of {users}, or leave {flag} out")
 
 
 def _int(flag: str, text: str) -> int:
@@ -230,6 +281,8 @@ def _results_table(results) -> str:
 def cmd_train(args) -> int:
     if args.resume is None and args.variant is None:
         raise ConfigError("--variant is required: baseline, l2, dropout or l2_dropout")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} must be an integer >= 0")
     variants = None if args.variant is None else (args.variant,)
     seeds = None if args.seed is None else (args.seed,)
     return _run(args, _experiment_config(args, variants, seeds))
@@ -245,7 +298,10 @@ def cmd_experiment(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (its line printed)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="mnist-jax: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "matplotlib"):

@@ -31,13 +31,26 @@ class Variant:
     dropout: float = 0.0
     dropout_layers: tuple[str, ...] = ()
 
-    def with_values(self, *, l2: float | None = None, dropout: float | None = None) -> Variant:
-        """The same recipe with another coefficient or rate, where the recipe uses one."""
-        return dataclasses.replace(
-            self,
-            l2=self.l2 if l2 is None or not self.l2_layers else l2,
-            dropout=self.dropout if dropout is None or not self.dropout_layers else dropout,
-        )
+    def with_values(self, *, l2: float | None = None, dropout: float | None = None,
+                    name: str | None = None) -> Variant:
+        """The same recipe (the same layers) with another L2 coefficient or dropout rate.
+
+        Results are keyed by name, so the values given are named too, unless `name` is:
+        `VARIANTS["l2"].with_values(l2=3e-4).name == "l2[l2=0.0003]"`. A value the recipe has
+        no layer for is an error (ConfigError): it would change nothing.
+        """
+        if l2 is not None and not self.l2_layers and l2 != self.l2:
+            raise ConfigError(f"variant {self.name!r} has no L2 penalty: l2={l2:g} would "
+                              "change nothing")
+        if dropout is not None and not self.dropout_layers and dropout != self.dropout:
+            raise ConfigError(f"variant {self.name!r} has no dropout: dropout={dropout:g} "
+                              "would change nothing")
+        new = dataclasses.replace(self, l2=self.l2 if l2 is None else l2,
+                                  dropout=self.dropout if dropout is None else dropout)
+        given = [f"{k}={v:g}" for k, v in (("l2", l2), ("dropout", dropout)) if v is not None]
+        if name is None:
+            name = f"{self.name}[{','.join(given)}]" if given else self.name
+        return dataclasses.replace(new, name=name)
 
     def l2_vector(self, hidden: tuple[int, ...]) -> np.ndarray:
         """(n_dense,) float32: the coefficient for each Dense kernel, 0 where not penalised."""
@@ -93,7 +106,10 @@ def select_variants(names: Sequence[str], *, l2: float | None = None,
         raise ConfigError(f"--variants lists a variant twice: {', '.join(names)}")
     if not names:
         raise ConfigError("--variants is empty; name at least one of " + ", ".join(VARIANTS))
-    return tuple(VARIANTS[n].with_values(l2=l2, dropout=dropout) for n in names)
+    # The study's flags set its variants' values, keeping their names.
+    return tuple(VARIANTS[n].with_values(l2=l2 if VARIANTS[n].l2_layers else None,
+                                         dropout=dropout if VARIANTS[n].dropout_layers else None,
+                                         name=n) for n in names)
 
 
 SCHEDULES = ("auto", "stack", "sequential", "concurrent")
@@ -175,8 +191,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         for part in text.split(","):
             part = part.strip()
             if "-" in part[1:]:
-                low, high = part.split("-", 1)
-                seeds.extend(range(int(low), int(high) + 1))
+                low, high = (int(x) for x in part.split("-", 1))
+                if low > high:
+                    raise ConfigError(f"--seeds {text!r}: the range {part} is reversed; "
+                                      f"write {high}-{low}")
+                seeds.extend(range(low, high + 1))
             else:
                 seeds.append(int(part))
     except ValueError as e:

@@ -188,7 +188,10 @@ def load_mnist(data_dir: str | os.PathLike | None = None, source: Source = "auto
                 verify_idx(raw[spec.name], spec, origin=origin)
         except (sources.SourceError, DataError) as e:
             attempts.append(f"{name}: {e}")
-            level = logging.INFO if isinstance(e, sources.SourceUnavailable) else logging.WARNING
+            # A source that is simply absent is no failure worth a line on a clean first run:
+            # the attempts are listed only when every source fails. Bytes that arrived but
+            # are not MNIST's are worth a warning.
+            level = logging.WARNING if isinstance(e, DataError) else logging.DEBUG
             log.log(level, "MNIST source %s failed: %s", name, e)
             continue
         try:

@@ -138,6 +138,16 @@ def collect(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
     return variants
 
 
+def select(variants: Mapping[str, Any]) -> dict[str, Any]:
+    """The variant with the best mean validation accuracy over seeds (the final epoch's): the
+    test set is never used to choose, only to report. Without a validation set, the best mean
+    training accuracy. Returns the choice, the criterion and every variant's value."""
+    first = next(iter(variants.values()))["stats"]
+    on = "val_accuracy" if "val_accuracy" in first else "accuracy"
+    values = {name: v["stats"][on]["mean"] for name, v in variants.items()}
+    return {"variant": max(values, key=values.get), "on": on, "values": values}
+
+
 def compare(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every pair of variants: paired difference in test accuracy with its 95% interval."""
     names = list(variants)
@@ -202,8 +212,8 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
 
     results_variants = collect(stack, splits)
-    best = max(results_variants, key=lambda n: results_variants[n]["stats"]["test_accuracy"]
-               ["mean"])
+    selection = select(results_variants)
+    best = selection["variant"]
     figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
                     if primary else {})
     results = {
@@ -228,6 +238,7 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
         "variants": results_variants,
         "comparisons": compare(results_variants),
         "best_variant": best,
+        "selection": selection,
         "figures": figure_paths,
     }
     results["timing"]["wall_seconds"] = time.perf_counter() - t_start
@@ -244,6 +255,9 @@ CHECKPOINTS = "checkpoints"
 
 def load_run_config(out_dir: str | Path) -> ExperimentConfig:
     """The config a run directory was started with (its run.json)."""
+    if Path(out_dir).is_file():
+        raise ConfigError(f"--resume {out_dir} is a file; give the run's directory (the --out "
+                          "it was started with)")
     path = Path(out_dir) / RUN_FILE
     try:
         return ExperimentConfig.from_dict(json.loads(path.read_text())["config"])
@@ -353,6 +367,12 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                 load_run_config(out)  # nothing there: say so before creating anything
             held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
             prepare_run_dir(out, config, resume=resume, overwrite=overwrite, command=command)
+        if resume:  # every host reads it: all return, or all train
+            record = json.loads((out / RUN_FILE).read_text())
+            if record.get("status") == "complete" and (out / "metrics.json").is_file():
+                echo(f"the run in {out} is complete ({record.get('epochs_done')} of "
+                     f"{config.train.epochs} epochs): nothing to resume")
+                return json.loads((out / "metrics.json").read_text())
         return _train_into(config, out, data_dir, resume, progress, echo, command, primary,
                            checkpoint, load_mnist)
 
@@ -412,6 +432,10 @@ def _train_into(config, out, data_dir, resume, progress, echo, command, primary,
             raise error from e
         finally:
             mgr.close()
-    if primary:
-        _set_status(out, "complete", epochs_done=stack.epochs_done)
+        # Still inside the handler: a signal after the last epoch lets the run complete.
+        if primary:
+            _set_status(out, "complete", epochs_done=stack.epochs_done)
+        if interrupt:
+            echo(f"{signal.Signals(interrupt[0]).name} came after the last epoch: the run "
+                 "completed")
     return results

@@ -349,8 +349,11 @@ def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainCo
               n_train: int = 60000) -> Stack:
     """A validated, freshly initialised stack, ready for `fit`."""
     config.validate(n_train)
-    if len({v.name for v in variants}) != len(variants):
-        raise ConfigError("two variants share a name; names identify results")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two variants share the name {twice[0]!r}: names identify results; "
+                          "give each its own (Variant.with_values(..., name=...))")
     t0 = time.perf_counter()
     model, state, keys = init_stack(variants, seeds, config)
     jax.block_until_ready(state)
@@ -361,7 +364,12 @@ def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainCo
 
 def train_stack(data: MNIST | Splits, variants: Sequence[Variant], seeds: Sequence[int] = (0,),
                 config: TrainConfig = TrainConfig(), *, progress: bool = True) -> Stack:
-    """Trains len(seeds) x len(variants) models in one compiled program."""
+    """Trains len(seeds) x len(variants) models in one compiled program (`config.schedule`).
+
+    Returns the Stack: `histories[name][i]` (Keras-style, seed `seeds[i]`),
+    `params(name, i)`, and with `evaluate_models(stack, images, labels)` every model's test
+    metrics. `progress=False` turns the per-epoch progress bar off.
+    """
     splits = data if isinstance(data, Splits) else prepare(data, config.validation_split)
     stack = new_stack(variants, seeds, config,
                       len(splits.train_images) + len(splits.val_images))
@@ -383,7 +391,8 @@ class TrainResult:
 def train(data: MNIST | Splits, variant: str | Variant = "baseline",
           config: TrainConfig = TrainConfig(), *, seed: int = 0,
           progress: bool = True) -> TrainResult:
-    """Trains one model (a 1 x 1 stack, compiled exactly as an unbatched model)."""
+    """Trains one model (a 1 x 1 stack, compiled exactly as an unbatched model); a variant by
+    name or a `Variant`. `progress=False` turns the per-epoch progress bar off."""
     if isinstance(variant, str):
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mnist_jax import files
+from mnist_jax.stats import t_quantile_975
 
 History = Mapping[str, Sequence[float]]
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
@@ -70,68 +71,114 @@ def random_digits(images: np.ndarray, labels: np.ndarray, seed: int = 0, n: int 
     return digit_grid(images[idx], labels[idx], title=f"{n} random training digits (seed {seed})")
 
 
+# Up to this many epochs a curve marks each epoch's point: one point alone draws nothing.
+MARKERS_UP_TO = 12
+
+
 def _band(ax, x, runs: np.ndarray, label: str, color: str, style: str = "-") -> None:
-    """Mean curve over runs (rows), with a +-1 standard deviation band when there are several."""
+    """Mean curve over runs (rows), with a +-1 standard deviation band when there are several;
+    each point marked when there are few."""
     mean = runs.mean(axis=0)
-    ax.plot(x, mean, style, color=color, label=label)
+    marker = "o" if len(x) <= MARKERS_UP_TO else None
+    ax.plot(x, mean, style, color=color, label=label, marker=marker, markersize=4)
     if len(runs) > 1:
         std = runs.std(axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
+def _epoch_axis(ax, n_epochs: int) -> None:
+    """Whole epochs on the x axis, 1..n with half an epoch of margin (a lone epoch too)."""
+    ax.set_xlim(0.5, n_epochs + 0.5)
+    if n_epochs <= MARKERS_UP_TO:  # MaxNLocator falls back to fractions below two integers
+        ax.set_xticks(range(1, n_epochs + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+def _loss_title(runs: Sequence[History]) -> str:
+    """What a history's loss is: the cross-entropy, plus the L2 penalty where there is one."""
+    penalised = any(max(r.get("penalty", [0.0])) > 0 for r in runs)
+    return "loss (cross-entropy + L2 penalty)" if penalised else "loss (cross-entropy)"
+
+
 def history_curves(histories: History | Sequence[History], title: str = "") -> Figure:
-    """Loss and accuracy per epoch, train vs validation; several runs give mean and band."""
+    """Loss and accuracy (%) per epoch, train vs validation; several runs give mean and band."""
     runs = [histories] if isinstance(histories, Mapping) else list(histories)
     fig = Figure(figsize=(11, 4), layout="constrained")
+    n_epochs = len(runs[0]["loss"])
+    epochs = np.arange(1, n_epochs + 1)
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
-        epochs = np.arange(1, len(runs[0][metric]) + 1)
-        _band(ax, epochs, np.array([r[metric] for r in runs]), "train", COLORS[0])
+        scale = 100.0 if metric == "accuracy" else 1.0
+        _band(ax, epochs, scale * np.array([r[metric] for r in runs]), "train", COLORS[0])
         if f"val_{metric}" in runs[0]:
-            _band(ax, epochs, np.array([r[f"val_{metric}"] for r in runs]), "validation",
-                  COLORS[1], "--")
-        ax.set(xlabel="epoch", ylabel=metric, title=metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+            _band(ax, epochs, scale * np.array([r[f"val_{metric}"] for r in runs]),
+                  "validation", COLORS[1], "--")
+        name = _loss_title(runs) if metric == "loss" else "accuracy (%)"
+        ax.set(ylabel=name, title=name)
+        _epoch_axis(ax, n_epochs)
         ax.legend()
     suffix = f" (mean and ±1 sd over {len(runs)} seeds)" if len(runs) > 1 else ""
     fig.suptitle(title + suffix)
     return fig
 
 
+def mean_and_interval(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
+    x = np.asarray(values, np.float64)
+    if len(x) < 2:
+        return float(x.mean()), None
+    return float(x.mean()), t_quantile_975(len(x) - 1) * float(x.std(ddof=1)) / len(x) ** 0.5
+
+
 def compare_variants(histories: Mapping[str, Sequence[History]],
                      test_accuracy: Mapping[str, Sequence[float]]) -> Figure:
-    """Validation loss and accuracy of every variant overlaid, and test accuracy per variant
-    (mean over seeds, whiskers at ±1 sd, each seed a dot)."""
+    """Validation cross-entropy and accuracy of every variant overlaid, and test accuracy per
+    variant as a point with its 95% interval over seeds (each seed a small dot), in %."""
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_loss, ax_acc, ax_test = fig.subplots(1, 3)
     names = list(histories)
-    key = "val_{}" if "val_loss" in histories[names[0]][0] else "{}"
+    first = histories[names[0]][0]
+    which = "validation" if "val_loss" in first else "training"
+    prefix = "val_" if which == "validation" else ""
+    # The cross-entropy alone: with the penalty in, the L2 variants look worse for a reason
+    # the accuracy panel does not share.
+    loss_key = f"{prefix}cross_entropy" if f"{prefix}cross_entropy" in first else f"{prefix}loss"
+    n_epochs = len(first["loss"])
+    epochs = np.arange(1, n_epochs + 1)
     for i, name in enumerate(names):
         runs = histories[name]
         color = COLORS[i % len(COLORS)]
-        epochs = np.arange(1, len(runs[0]["loss"]) + 1)
-        _band(ax_loss, epochs, np.array([r[key.format("loss")] for r in runs]), name, color)
-        _band(ax_acc, epochs, np.array([r[key.format("accuracy")] for r in runs]), name, color)
-    which = "validation" if key.startswith("val") else "training"
-    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{which} loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{which} accuracy")
+        _band(ax_loss, epochs, np.array([r[loss_key] for r in runs]), name, color)
+        _band(ax_acc, epochs, 100 * np.array([r[f"{prefix}accuracy"] for r in runs]), name,
+              color)
+    loss_name = "cross-entropy (no L2 penalty)" if "cross_entropy" in loss_key else "loss"
+    ax_loss.set(ylabel=loss_name, title=f"{which} {loss_name}")
+    ax_acc.set(ylabel="accuracy (%)", title=f"{which} accuracy (%)")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax, n_epochs)
         ax.legend()
-    means = [float(np.mean(test_accuracy[n])) for n in names]
-    several = all(len(test_accuracy[n]) > 1 for n in names)
-    stds = [float(np.std(test_accuracy[n], ddof=1)) for n in names] if several else None
-    bars = ax_test.bar(names, means, yerr=stds, capsize=4,
-                       color=[COLORS[i % len(COLORS)] for i in range(len(names))])
-    for i, n in enumerate(names):
-        if len(test_accuracy[n]) > 1:
-            ax_test.scatter(np.full(len(test_accuracy[n]), i), test_accuracy[n], s=10,
-                            color="black", zorder=3)
-    ax_test.bar_label(bars, labels=[f"{m:.2%}" for m in means], fontsize=8, padding=2)
-    low = min(min(test_accuracy[n]) for n in names)
-    ax_test.set_ylim(max(0.0, low - 0.01), 1.0)
-    ax_test.set(ylabel="test accuracy", title="test accuracy")
+
+    counts = {len(test_accuracy[n]) for n in names}
+    for i, name in enumerate(names):
+        values = 100 * np.asarray(test_accuracy[name], np.float64)
+        mean, half = mean_and_interval(values)
+        color = COLORS[i % len(COLORS)]
+        ax_test.errorbar([i], [mean], yerr=None if half is None else [[half], [half]], fmt="o",
+                         color=color, capsize=6, markersize=7, label=name)
+        if len(values) > 1:
+            ax_test.scatter(np.full(len(values), i + 0.12), values, s=10, color="black",
+                            alpha=0.6, zorder=3)
+        ax_test.annotate(f"{mean:.2f}%", (i, mean), xytext=(10, 0), textcoords="offset points",
+                         va="center", fontsize=8)
+    n = counts.pop() if len(counts) == 1 else None
+    if n == 1:
+        what = "one seed: no interval"
+    else:
+        what = f"mean and 95% interval, n = {n} seeds" if n else "mean and 95% interval"
+    ax_test.set(xticks=range(len(names)), xticklabels=names, ylabel="test accuracy (%)",
+                title=f"test accuracy ({what})", xlim=(-0.5, len(names) - 0.5))
     ax_test.grid(alpha=0.3, axis="y")
     return fig
 

@@ -25,6 +25,25 @@ LOSS_NAMES = {"logits": "softmax cross-entropy from the logits (as Keras on Tens
                          "Keras on JAX and PyTorch)"}
 
 
+CRITERIA = {"val_accuracy": "validation accuracy", "accuracy": "training accuracy (there is no "
+            "validation set)"}
+# The original study's recipe: its column appears only beside runs of that recipe.
+ORIGINAL_RECIPE = {"epochs": 20, "batch_size": 128, "validation_split": 0.3,
+                   "learning_rate": 1e-3, "hidden": [256, 256]}
+
+
+def is_original_recipe(cfg: Mapping[str, Any]) -> bool:
+    """Whether a run's config (as metrics.json holds it) is the original study's recipe."""
+    train = cfg["train"]
+    return (all(list(train[k]) == v if isinstance(v, list) else train[k] == v
+                for k, v in ORIGINAL_RECIPE.items())
+            and cfg["l2"] == 0.001 and cfg["dropout"] == 0.45)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def history_csv(history: Mapping[str, list[float]]) -> str:
     """One row per epoch; columns absent from the history (no validation) are left out."""
     columns = [c for c in CSV_COLUMNS if c == "epoch" or c in history]
@@ -54,14 +73,23 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     seeds = cfg["seeds"]
     several = len(seeds) > 1
     best = results["best_variant"]
+    n_models = len(variants) * len(seeds)
+    epochs = cfg["train"]["epochs"]
+    over = f" over {len(seeds)} seeds" if several else f" (seed {seeds[0]})"
+    test_best = f"test accuracy {_pm(variants[best]['stats']['test_accuracy'], '.2%')}{over}"
+    if len(variants) > 1:
+        criterion = CRITERIA[results["selection"]["on"]]
+        headline = (f"**Chosen variant: `{best}`**, the best {criterion} (mean over seeds, "
+                    f"{results['selection']['values'][best]:.2%}); the test set was not used "
+                    f"to choose. Its {test_best}.")
+    else:
+        headline = f"**Variant `{best}`**: {test_best}."
     lines = [
         f"# MNIST MLP study ({results['created']})",
         "",
-        f"**Best variant: `{best}`**, test accuracy "
-        f"{_pm(variants[best]['stats']['test_accuracy'], '.2%')}"
-        + (f" over {len(seeds)} seeds" if several else f" (seed {seeds[0]})") + ". "
-        f"{len(variants) * len(seeds)} models of {results['model']['parameters']:,} parameters "
-        f"({results['model']['architecture']}) trained for {cfg['train']['epochs']} epochs at "
+        headline + " "
+        f"{_plural(n_models, 'model')} of {results['model']['parameters']:,} parameters "
+        f"({results['model']['architecture']}) trained for {_plural(epochs, 'epoch')} at "
         f"batch {cfg['train']['batch_size']} with one compiled program "
         f"({results['timing']['schedule']} schedule) on "
         f"{env['device']['count']} × {env['device']['kind']}: "
@@ -73,8 +101,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     ]
     if several:
         lines += [f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}.", ""]
+    original = is_original_recipe(cfg)
     header = ("| variant | L2 on | dropout after | train loss | train acc | val loss | val acc "
-              "| test loss | **test acc** | acc on all 60k train | original test acc (loss) |")
+              "| test loss | **test acc** | acc on all 60k train |"
+              + (" original test acc (loss) |" if original else ""))
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name, v in variants.items():
         st = v["stats"]
@@ -85,23 +115,25 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f" ({recipe['dropout']:g})" if recipe["dropout_layers"] else "")
         val_loss = _pm(st["val_loss"], ".4f") if "val_loss" in st else "–"
         val_acc = _pm(st["val_accuracy"], ".2%") if "val_accuracy" in st else "–"
-        original = (f"{ORIGINAL[name][0]:.1%} ({ORIGINAL[name][1]:.4f})" if name in ORIGINAL
-                    else "–")
-        lines.append(
-            f"| `{name}` | {l2} | {drop} | {_pm(st['loss'], '.4f')} | "
-            f"{_pm(st['accuracy'], '.2%')} | {val_loss} | {val_acc} | "
-            f"{_pm(st['test_loss'], '.4f')} | **{_pm(st['test_accuracy'], '.2%')}** | "
-            f"{_pm(st['train_full_accuracy'], '.2%')} | {original} |")
+        row = (f"| `{name}` | {l2} | {drop} | {_pm(st['loss'], '.4f')} | "
+               f"{_pm(st['accuracy'], '.2%')} | {val_loss} | {val_acc} | "
+               f"{_pm(st['test_loss'], '.4f')} | **{_pm(st['test_accuracy'], '.2%')}** | "
+               f"{_pm(st['train_full_accuracy'], '.2%')} |")
+        if original:
+            row += (f" {ORIGINAL[name][0]:.1%} ({ORIGINAL[name][1]:.4f}) |" if name in ORIGINAL
+                    else " – |")
+        lines.append(row)
     lines += [
         "",
         "Train and validation columns are the last epoch's; train metrics are averaged over "
         "the epoch with dropout active, as Keras reports them. Losses include the L2 penalty, "
-        "as Keras's do. The original study's column is one Keras run.",
-        "",
-        "## Are the differences real?",
+        "as Keras's do." + (" The original study's column is one Keras run of the same recipe."
+                            if original else ""),
         "",
     ]
-    if several:
+    if len(variants) > 1:
+        lines += ["## Are the differences real?", ""]
+    if len(variants) > 1 and several:
         lines += [
             "Variants with the same seed share initial weights, batch order and dropout noise, "
             "so each difference is measured seed by seed; the interval is a 95% Student-t "
@@ -114,7 +146,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             verdict = "yes" if c["significant"] else "not shown"
             lines.append(f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3%} | "
                          f"[{c['ci95_low']:+.3%}, {c['ci95_high']:+.3%}] | {verdict} |")
-    else:
+    elif len(variants) > 1:
         lines.append("One seed gives one number per variant and no way to tell a real "
                      "difference from noise: rerun with `--seeds 0,1,2,3,4` for intervals.")
     lines += ["", "## Figures", ""]
