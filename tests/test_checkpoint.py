@@ -165,7 +165,21 @@ def test_a_checkpoint_without_digests_is_not_trusted(small, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mnist_jax.checkpoint"):
         restored = checkpoint.restore(mgr, new())
     assert restored.epochs_done == 1
-    assert "checkpoints/2 is damaged (its file digests are unreadable" in caplog.text
+    assert "checkpoints/2 is damaged (it records no digests" in caplog.text
+    mgr.close()
+
+
+def test_a_kill_before_the_file_digests_leaves_a_verified_checkpoint(small, tmp_path):
+    """SIGKILL between orbax's commit and the file digests beside it: the checkpoint is kept
+    and still verified by the digests committed with it (a damaged one is still refused)."""
+    mgr, saved = saved_run(small, tmp_path, 2)
+    directory = tmp_path / "checkpoints"
+    for step in (1, 2):
+        (directory / str(step) / checkpoint.FILE_DIGESTS).unlink()
+    damage(directory / "2", "edited history")
+    warnings = []
+    restored = checkpoint.restore(mgr, new(), warn=warnings.append)
+    assert restored.epochs_done == 1 and "metadata does not match its digest" in warnings[0]
     mgr.close()
 
 

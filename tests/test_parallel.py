@@ -140,5 +140,10 @@ def test_two_processes_match_one(mnist, tmp_path):
     for key, values in single["variants"]["dropout"]["history"].items():
         np.testing.assert_allclose(multi["variants"]["dropout"]["history"][key], values,
                                    rtol=1e-5)
-    assert multi["variants"]["dropout"]["test"] == pytest.approx(
-        single["variants"]["dropout"]["test"], rel=1e-5)
+    # After two epochs the test set sees float noise of gloo's all-reduce against XLA's
+    # in-process one (other summation order), amplified by training: measured 5.6e-5 in the
+    # loss and one digit of 10,000 changing sides. Each process training on its own half
+    # would miss by percents.
+    test, ref = multi["variants"]["dropout"]["test"], single["variants"]["dropout"]["test"]
+    assert test["loss"] == pytest.approx(ref["loss"], rel=2e-4)
+    assert abs(test["accuracy"] - ref["accuracy"]) <= 2.01e-4

@@ -2,6 +2,10 @@
 
 Prints one JSON line per variant: fit seconds (20 epochs with validation), evaluate seconds,
 test loss and accuracy. The backend is chosen before Keras is imported, as Keras requires.
+`--seed` seeds Keras's initialisation, shuffling and dropout; `--output logits` puts a linear
+output under `CategoricalCrossentropy(from_logits=True)`, which on every backend computes what
+Keras on TensorFlow computes for the study's softmax output (`--output softmax`, the default,
+is the clipped cross-entropy on JAX and PyTorch).
 """
 
 import argparse
@@ -17,6 +21,8 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,l2,dropout,l2_dropout")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", choices=("softmax", "logits"), default="softmax")
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,16 +40,18 @@ def main() -> None:
     y_test = preprocessing.one_hot(mnist.test_labels)
     for name in args.variants.split(","):
         variant = VARIANTS[name]
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(args.seed)
         layers = [keras.Input((784,))]
         for layer in ("hidden_1", "hidden_2"):
             reg = (keras.regularizers.l2(variant.l2) if layer in variant.l2_layers else None)
             layers.append(keras.layers.Dense(256, activation="relu", kernel_regularizer=reg))
             if layer in variant.dropout_layers:
                 layers.append(keras.layers.Dropout(variant.dropout))
-        layers.append(keras.layers.Dense(10, activation="softmax"))
+        logits = args.output == "logits"
+        layers.append(keras.layers.Dense(10, activation=None if logits else "softmax"))
         model = keras.Sequential(layers)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=logits),
                       metrics=["accuracy"])
         t0 = time.perf_counter()
         history = model.fit(x, y, epochs=args.epochs, batch_size=128, validation_split=0.3,
@@ -56,7 +64,8 @@ def main() -> None:
                           "fit_seconds": fit_s, "evaluate_seconds": eval_s,
                           "test_loss": float(loss), "test_accuracy": float(accuracy),
                           "val_accuracy": float(history.history["val_accuracy"][-1]),
-                          "keras": keras.__version__, "epochs": args.epochs}), flush=True)
+                          "keras": keras.__version__, "epochs": args.epochs,
+                          "seed": args.seed, "output": args.output}), flush=True)
     del np
     sys.exit(0)
 

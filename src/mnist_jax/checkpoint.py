@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def save(mgr: ocp.CheckpointManager, stack: fit.Stack) -> None:
     """Commits the stack after `stack.epochs_done` epochs, with the digests of its contents."""
     arrays, meta = _arrays(stack), _meta(stack)
     digests = {"arrays": array_digests(arrays), "meta": meta_digest(meta)}
+    _check_space(Path(mgr.directory), stack.epochs_done, arrays)
     try:
         mgr.save(stack.epochs_done, args=ocp.args.Composite(
             arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
@@ -81,6 +83,17 @@ def save(mgr: ocp.CheckpointManager, stack: fit.Stack) -> None:
     except Exception as e:  # tensorstore reports a full disk as a ValueError
         raise WriteError(f"could not write checkpoint "
                          f"{Path(mgr.directory) / str(stack.epochs_done)}: {cause(e)}") from e
+
+
+def _check_space(directory: Path, step: int, arrays: Any) -> None:
+    """Refuses to start a checkpoint the disk cannot hold (its arrays uncompressed, which
+    bounds what orbax writes): a write that fills the disk half-way leaves orbax's pending
+    writes failing in the background, each printing a traceback after the one line we print."""
+    need = sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise WriteError(f"could not write checkpoint {directory / str(step)}: No space left on "
+                         f"device ({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)")
 
 
 def cause(e: BaseException) -> str:
@@ -107,12 +120,21 @@ def _write_file_digests(step_dir: Path) -> None:
 
 
 def _check_files(step_dir: Path) -> None:
-    """Raises Damaged unless every file recorded by `_write_file_digests` is there, whole."""
+    """Raises Damaged unless every file recorded by `_write_file_digests` is there, whole.
+
+    The record is written after orbax commits, so a kill in between leaves a checkpoint
+    without one: that checkpoint is still checked, by the array and metadata digests orbax
+    committed with it. It must at least have those.
+    """
+    if not (step_dir / "digests").is_dir():
+        raise Damaged("it records no digests, so it cannot be verified")
+    if not (step_dir / FILE_DIGESTS).exists():
+        log.debug("%s has no file digests (stopped before they were written)", step_dir)
+        return
     try:
         record = json.loads((step_dir / FILE_DIGESTS).read_text())
     except (OSError, ValueError) as e:
-        raise Damaged(f"its file digests are unreadable ({type(e).__name__}), so it cannot be "
-                      "verified") from e
+        raise Damaged(f"its file digests are unreadable ({type(e).__name__})") from e
     for name, want in record.items():
         path = step_dir / name
         if not path.is_file():

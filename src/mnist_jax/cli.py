@@ -41,12 +41,13 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                    help="epochs (default 20)")
     g.add_argument("--batch-size", type=_number(int, "--batch-size", "an integer >= 1"),
                    help="batch size (default 128)")
-    g.add_argument("--validation-split", type=_number(float, "--validation-split", "in [0, 1)"),
+    g.add_argument("--validation-split",
+                   type=_number(float, "--validation-split", "a number in [0, 1)"),
                    help="last fraction of the training set held out (default 0.3)")
     g.add_argument("--l2", type=_number(float, "--l2", "a finite number >= 0"),
                    help="L2 coefficient (default 0.001) of the variants with a penalty: l2 "
                         "penalises hidden_1's kernel, l2_dropout both hidden kernels")
-    g.add_argument("--dropout", type=_number(float, "--dropout", "in [0, 1)"),
+    g.add_argument("--dropout", type=_number(float, "--dropout", "a number in [0, 1)"),
                    help="dropout rate (default 0.45) of the variants with dropout (dropout, "
                         "l2_dropout: after both hidden layers)")
     g.add_argument("--lr", type=_number(float, "--lr", "a finite number >= 0"),
@@ -304,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="mnist-jax: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax", "orbax", "matplotlib"):
+    for noisy in ("jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # orbax (through absl) logs a failed write with its traceback before raising it; the one
+    # line the command prints for it says what happened.
+    for noisy in ("absl", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         if args.command in ("train", "experiment"):
             from mnist_jax import parallel

@@ -352,8 +352,7 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     Ctrl-C or SIGTERM) and WriteError (disk full, I/O error) otherwise; `run.json` records
     the outcome. `command` is the CLI command that resumes the run, for messages.
     """
-    from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
-    from mnist_jax.data import check_data_dir, load_mnist
+    from mnist_jax.data import check_data_dir
 
     config.validate()
     check_data_dir(data_dir)
@@ -373,13 +372,15 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                 echo(f"the run in {out} is complete ({record.get('epochs_done')} of "
                      f"{config.train.epochs} epochs): nothing to resume")
                 return json.loads((out / "metrics.json").read_text())
-        return _train_into(config, out, data_dir, resume, progress, echo, command, primary,
-                           checkpoint, load_mnist)
+        return _train_into(config, out, data_dir, resume, progress, echo, command, primary)
 
 
-def _train_into(config, out, data_dir, resume, progress, echo, command, primary, checkpoint,
-                load_mnist) -> dict[str, Any]:
+def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, progress: bool,
+                echo: Callable[[str], None], command: str, primary: bool) -> dict[str, Any]:
     """train_and_evaluate's work once the run directory is held."""
+    from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
+    from mnist_jax.data import load_mnist
+
     mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
     mgr = checkpoint.manager(out / CHECKPOINTS)
@@ -423,9 +424,9 @@ def _train_into(config, out, data_dir, resume, progress, echo, command, primary,
                     f"could not write {e.filename or out}: {checkpoint.cause(e)}")
             mgr.reload()
             kept = mgr.latest_step() or 0  # a failed save leaves the previous one newest
-            error = WriteError(f"{what}. What was written before is intact (the newest "
-                               f"checkpoint is of epoch {kept}); free space or fix the disk, "
-                               f"then continue with: {resume_with}")
+            newest = f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet"
+            error = WriteError(f"{what}. What was written before is intact ({newest}); free "
+                               f"space or fix the disk, then continue with: {resume_with}")
             if primary:
                 with contextlib.suppress(OSError):  # the disk may refuse this too
                     _set_status(out, "failed", epochs_done=kept, error=str(error))
