@@ -74,6 +74,8 @@ def test_comparison_shows_test_accuracy_as_points_with_95_intervals_in_percent(t
     np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [88, 91, 92])
     assert ax_test.get_ylabel() == "test accuracy (%)" and "n = 3 seeds" in ax_test.get_title()
     assert not ax_test.patches, "bars"
+    low, high = ax_test.get_ylim()
+    assert high - low >= 2.0 and low < 97.0 and high > 98.1  # no 0.3-point axis
     for container, name in zip(ax_test.containers, runs, strict=True):
         values = 100 * np.asarray(runs[name])
         half = 4.3027 * values.std(ddof=1) / np.sqrt(3)  # t_0.975(2) = 4.3027

@@ -170,8 +170,12 @@ def compare_variants(histories: Mapping[str, Sequence[History]],
         if len(values) > 1:
             ax_test.scatter(np.full(len(values), i + 0.12), values, s=10, color="black",
                             alpha=0.6, zorder=3)
-        ax_test.annotate(f"{mean:.2f}%", (i, mean), xytext=(10, 0), textcoords="offset points",
-                         va="center", fontsize=8)
+        ax_test.annotate(f"{mean:.2f}%", (i, mean), xytext=(-10, 0), textcoords="offset points",
+                         ha="right", va="center", fontsize=8)  # the seeds' dots are right
+    # At least two points of accuracy on the axis, so a few tenths do not fill the panel.
+    low, high = ax_test.get_ylim()
+    middle, half_span = (low + high) / 2, max((high - low) / 2, 1.0)
+    ax_test.set_ylim(middle - half_span, middle + half_span)
     n = counts.pop() if len(counts) == 1 else None
     if n == 1:
         what = "one seed: no interval"
