@@ -58,6 +58,15 @@ def test_metrics_json_contract(one_epoch, mnist):
     assert metrics["data"]["sha256"] == dict(mnist.sha256)
     assert (metrics["data"]["train"], metrics["data"]["validation"]) == (42000, 18000)
     assert metrics["model"]["parameters"] == 269322
+    timing = metrics["timing"]
+    parts = timing["parts_seconds"]
+    assert set(parts) == {"load_data", "init", "eda", "prepare", "fit", "evaluate", "figures"}
+    assert all(v > 0 for v in parts.values())
+    # Compilation (the initialiser's in init, the epoch's in fit) and training lie in those
+    # two parts; the run's own parts fit in its wall time.
+    assert parts["init"] + parts["fit"] >= timing["compile_seconds"] + timing["train_seconds"]
+    assert sum(v for k, v in parts.items() if k not in ("load_data", "init")) <= \
+        timing["wall_seconds"]
     assert list(metrics["variants"]) == list(VARIANTS)
     for name, v in metrics["variants"].items():
         assert set(v["history"]) == set(report.CSV_COLUMNS) - {"epoch"}

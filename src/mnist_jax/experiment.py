@@ -80,6 +80,15 @@ class ExperimentConfig:
                    dropout=d["dropout"], train=TrainConfig(**train))
 
 
+@contextlib.contextmanager
+def _timed(parts: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        parts[name] = time.perf_counter() - t0
+
+
 def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """The label distributions and 25 random digits as PNGs; returns their relative paths."""
     return _save_figures({
@@ -186,21 +195,27 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
 def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, *,
                    progress: bool = True, echo: Callable[[str], None] = print,
                    on_epoch_end: Callable[[fit.Stack], None] | None = None,
-                   stack: fit.Stack | None = None) -> dict[str, Any]:
+                   stack: fit.Stack | None = None,
+                   parts: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Runs the whole study into `out_dir` and returns what metrics.json holds.
 
     `stack` continues a restored run; `on_epoch_end` sees the stack after every epoch
-    (checkpoints hook in there).
+    (checkpoints hook in there); `parts` are earlier stages' seconds (loading the data, say),
+    recorded with this run's in timing's `parts_seconds` (wall_seconds is this call's).
     """
     t_start = time.perf_counter()
+    parts = dict(parts or {})  # seconds of each stage, for metrics.json's timing
     config.validate(len(mnist.train_images))
     out = Path(out_dir)
     primary = jax.process_index() == 0  # with several hosts, one writes the files
     variants = config.resolve()
-    eda = run_eda(mnist, out, seed=config.seeds[0]) if primary else {}
-    splits = fit.prepare(mnist, config.train.validation_split)
-    if stack is None:
-        stack = fit.new_stack(variants, config.seeds, config.train, len(mnist.train_images))
+    with _timed(parts, "eda"):
+        eda = run_eda(mnist, out, seed=config.seeds[0]) if primary else {}
+    with _timed(parts, "prepare"):
+        splits = fit.prepare(mnist, config.train.validation_split)
+        if stack is None:
+            stack = fit.new_stack(variants, config.seeds, config.train,
+                                  len(mnist.train_images))
     devices = config.train.data_parallel
     n_models = len(config.variants) * len(config.seeds)
     echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
@@ -208,14 +223,17 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
          f"{config.train.epochs} epochs, {fit.schedule(config.train)} schedule; batch "
          f"{config.train.batch_size} on {devices} device(s), "
          f"{config.train.batch_size // devices} per device")
-    fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
+    with _timed(parts, "fit"):  # compile + train + checkpoints
+        fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
     echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
 
-    results_variants = collect(stack, splits)
+    with _timed(parts, "evaluate"):  # test set and all 60k training images, every model
+        results_variants = collect(stack, splits)
     selection = select(results_variants)
     best = selection["variant"]
-    figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
-                    if primary else {})
+    with _timed(parts, "figures"):
+        figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
+                        if primary else {})
     results = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -231,7 +249,8 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
                    "train_seconds": stack.train_seconds,
                    "models": n_models,
                    "schedule": fit.schedule(config.train),
-                   "wall_seconds": None},
+                   "wall_seconds": None,
+                   "parts_seconds": parts},
         "parallel": {"devices": devices, "processes": jax.process_count(),
                      "global_batch": config.train.batch_size,
                      "per_device_batch": config.train.batch_size // devices},
@@ -381,10 +400,14 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
     from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
     from mnist_jax.data import load_mnist
 
-    mnist = load_mnist(data_dir)
+    parts: dict[str, float] = {}
+    with _timed(parts, "load_data"):
+        mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
     mgr = checkpoint.manager(out / CHECKPOINTS)
-    stack = fit.new_stack(config.resolve(), config.seeds, config.train, len(mnist.train_images))
+    with _timed(parts, "init"):  # compiling and running the initialiser
+        stack = fit.new_stack(config.resolve(), config.seeds, config.train,
+                              len(mnist.train_images))
     echo(summary(stack.model))
     if resume:
         if checkpoint.restore(mgr, stack) is None:
@@ -402,7 +425,7 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
                                   f"{resume_with}", signum=interrupt[0])
         try:
             results = run_experiment(config, mnist, out, progress=progress, echo=echo,
-                                     on_epoch_end=on_epoch_end, stack=stack)
+                                     on_epoch_end=on_epoch_end, stack=stack, parts=parts)
         except Interrupted as e:
             if primary:
                 _set_status(out, "interrupted", epochs_done=stack.epochs_done,
