@@ -375,6 +375,7 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("train", ("--variant", "baseline", "--dropout", "0.2"),
      "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
     ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
+    ("eda", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
     ("data", ("--source", "ftp"), "--source 'ftp' must be one of 'auto', 'cache'"),
     ("data", ("--verify", "half"), "--verify 'half' must be one of 'quick', 'full'"),
 ]

@@ -186,6 +186,8 @@ def cmd_eda(args) -> int:
     from mnist_jax.data import load_mnist
     from mnist_jax.experiment import run_eda
 
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} must be an integer >= 0")
     mnist = load_mnist(args.data_dir)
     paths = run_eda(mnist, args.out, seed=args.seed)
     _say(args.quiet)("\n".join(str(args.out / p) for p in paths.values()))
@@ -233,14 +235,13 @@ def _check_used(config, args) -> None:
     from mnist_jax.config import VARIANTS
 
     chosen = [VARIANTS[n] for n in config.variants if n in VARIANTS]
-    for flag, value, layers, users in (("--l2", args.l2, "l2_layers", "l2, l2_dropout"),
-                                       ("--dropout", args.dropout, "dropout_layers",
-                                        "dropout, l2_dropout")):
+    for flag, value, layers, what in (("--l2", args.l2, "l2_layers", "an L2 penalty"),
+                                      ("--dropout", args.dropout, "dropout_layers", "dropout")):
         if value is not None and chosen and not any(getattr(v, layers) for v in chosen):
             names = ", ".join(v.name for v in chosen)
+            users = ", ".join(n for n, v in VARIANTS.items() if getattr(v, layers))
             raise ConfigError(f"{flag} {value:g} changes nothing: no chosen variant ({names}) "
-                              f"has {'an L2 penalty' if flag == '--l2' else 'dropout'}; "
-                              f"choose one of {users}, or leave {flag} out")
+                              f"has {what}; choose one of {users}, or leave {flag} out")
 
 
 def _int(flag: str, text: str) -> int:
