@@ -165,13 +165,13 @@ def _load(mgr: ocp.CheckpointManager, step: int, fresh: fit.Stack,
         raise Damaged(f"unreadable: {type(e).__name__}: {_first_line(e)}") from e
     if meta_digest(meta) != expected_meta:
         raise Damaged("its metadata does not match its digest")
-    got = array_digests(arrays)
+    host = parallel.to_host(arrays)  # once, for the digests and the finiteness check
+    got = array_digests(host)
     wrong = [path for path in got if expected_arrays.get(path) != got[path]]
     if wrong or set(expected_arrays) != set(got):
         raise Damaged(f"{len(wrong) or 'some'} array(s) do not match their digests, e.g. "
                       f"{(wrong or sorted(set(expected_arrays) ^ set(got)))[0]}")
-    bad = [jax.tree_util.keystr(p) for p, leaf in
-           jax.tree_util.tree_leaves_with_path(parallel.to_host(arrays))
+    bad = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(host)
            if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all()]
     if bad:  # digests match, so they were saved so: never by a healthy run
         raise Damaged(f"it holds non-finite values in {bad[0]}")
