@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mnist_jax import files
-from mnist_jax.stats import t_quantile_975
+from mnist_jax.stats import mean_ci95
 
 History = Mapping[str, Sequence[float]]
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
@@ -124,14 +124,6 @@ def history_curves(histories: History | Sequence[History], title: str = "") -> F
     return fig
 
 
-def mean_and_interval(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
-    x = np.asarray(values, np.float64)
-    if len(x) < 2:
-        return float(x.mean()), None
-    return float(x.mean()), t_quantile_975(len(x) - 1) * float(x.std(ddof=1)) / len(x) ** 0.5
-
-
 def compare_variants(histories: Mapping[str, Sequence[History]],
                      test_accuracy: Mapping[str, Sequence[float]]) -> Figure:
     """Validation cross-entropy and accuracy of every variant overlaid, and test accuracy per
@@ -163,7 +155,7 @@ def compare_variants(histories: Mapping[str, Sequence[History]],
     counts = {len(test_accuracy[n]) for n in names}
     for i, name in enumerate(names):
         values = 100 * np.asarray(test_accuracy[name], np.float64)
-        mean, half = mean_and_interval(values)
+        mean, half = mean_ci95(values)
         color = COLORS[i % len(COLORS)]
         ax_test.errorbar([i], [mean], yerr=None if half is None else [[half], [half]], fmt="o",
                          color=color, capsize=6, markersize=7, label=name)

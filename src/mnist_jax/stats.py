@@ -38,17 +38,24 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
             "min": float(x.min()), "max": float(x.max())}
 
 
+def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
+    x = np.asarray(values, np.float64)
+    if len(x) < 2:
+        return float(x.mean()), None
+    return float(x.mean()), t_quantile_975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int | None]:
     """Mean of a - b over paired runs with its 95% t-interval (None for fewer than 2 pairs).
 
     `significant` is True when the interval excludes 0.
     """
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    out: dict[str, float | int | None] = {"n": len(d), "mean": float(d.mean()),
-                                          "ci95_low": None, "ci95_high": None,
-                                          "significant": None}
-    if len(d) > 1:
-        half = t_quantile_975(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
-        out.update(ci95_low=float(d.mean()) - half, ci95_high=float(d.mean()) + half,
-                   significant=bool(half < abs(float(d.mean()))))
+    mean, half = mean_ci95(d)
+    out: dict[str, float | int | None] = {"n": len(d), "mean": mean, "ci95_low": None,
+                                          "ci95_high": None, "significant": None}
+    if half is not None:
+        out.update(ci95_low=mean - half, ci95_high=mean + half,
+                   significant=bool(half < abs(mean)))
     return out
