@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_jax import files
+from mnist_jax.config import DROPOUT, L2, TrainConfig
 from mnist_jax.fit import HISTORY_KEYS
 
 CSV_COLUMNS = ("epoch", *HISTORY_KEYS)
@@ -27,17 +28,19 @@ LOSS_NAMES = {"logits": "softmax cross-entropy from the logits (as Keras on Tens
 
 CRITERIA = {"val_accuracy": "validation accuracy", "accuracy": "training accuracy (there is no "
             "validation set)"}
-# The original study's recipe: its column appears only beside runs of that recipe.
-ORIGINAL_RECIPE = {"epochs": 20, "batch_size": 128, "validation_split": 0.3,
-                   "learning_rate": 1e-3, "hidden": [256, 256]}
+# What the original study's recipe fixes (the defaults are that recipe): its column appears
+# only beside runs of it.
+RECIPE_FIELDS = ("epochs", "batch_size", "validation_split", "learning_rate", "hidden")
 
 
 def is_original_recipe(cfg: Mapping[str, Any]) -> bool:
     """Whether a run's config (as metrics.json holds it) is the original study's recipe."""
-    train = cfg["train"]
-    return (all(list(train[k]) == v if isinstance(v, list) else train[k] == v
-                for k, v in ORIGINAL_RECIPE.items())
-            and cfg["l2"] == 0.001 and cfg["dropout"] == 0.45)
+    default = TrainConfig()
+    for field in RECIPE_FIELDS:
+        value = cfg["train"][field]  # JSON turned the hidden sizes' tuple into a list
+        if (tuple(value) if isinstance(value, list) else value) != getattr(default, field):
+            return False
+    return cfg["l2"] == L2 and cfg["dropout"] == DROPOUT
 
 
 def _plural(n: int, noun: str) -> str:
