@@ -49,7 +49,8 @@ def _arrays(stack: fit.Stack) -> dict[str, Any]:
 def _meta(stack: fit.Stack) -> dict[str, Any]:
     return {"epochs_done": stack.epochs_done, "histories": stack.histories,
             "seeds": list(stack.seeds), "variants": [v.name for v in stack.variants],
-            "compile_seconds": stack.compile_seconds, "train_seconds": stack.train_seconds}
+            "compile_seconds": stack.compile_seconds, "train_seconds": stack.train_seconds,
+            "diverged": stack.diverged}
 
 
 def array_digests(arrays: Any) -> dict[str, str]:
@@ -239,5 +240,6 @@ def _into(fresh: fit.Stack, arrays: dict[str, Any], meta: dict[str, Any],
     fresh.histories = meta["histories"]
     fresh.compile_seconds = float(meta["compile_seconds"])
     fresh.train_seconds = float(meta["train_seconds"])
+    fresh.diverged = list(meta.get("diverged", []))
     log.info("restored the checkpoint of epoch %d from %s", fresh.epochs_done, directory)
     return fresh

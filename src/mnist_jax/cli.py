@@ -37,13 +37,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     # Defaults are None so that a resumed run can tell which flags were given.
     g = parser.add_argument_group("training (defaults: the Keras study's)")
-    g.add_argument("--epochs", type=_number(int, "--epochs", "an integer >= 1"),
-                   help="epochs (default 20)")
-    g.add_argument("--batch-size", type=_number(int, "--batch-size", "an integer >= 1"),
-                   help="batch size (default 128)")
-    g.add_argument("--validation-split",
-                   type=_number(float, "--validation-split", "a number in [0, 1)"),
-                   help="last fraction of the training set held out (default 0.3)")
+    _fit_flags(g)
     g.add_argument("--l2", type=_number(float, "--l2", "a finite number >= 0"),
                    help="L2 coefficient (default 0.001) of the variants with a penalty: l2 "
                         "penalises hidden_1's kernel, l2_dropout both hidden kernels")
@@ -52,6 +46,26 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                         "l2_dropout: after both hidden layers)")
     g.add_argument("--lr", type=_number(float, "--lr", "a finite number >= 0"),
                    help="Adam learning rate (default 0.001)")
+    if several:
+        g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
+                                       "seed, in one compiled program (default 0)")
+    else:
+        g.add_argument("--seed", type=_number(int, "--seed", "an integer >= 0"),
+                       help="seed (default 0)")
+    g.add_argument("--data-parallel", default=None, metavar="N|all",
+                   help="split each batch over N devices (default 1)")
+    _output(parser)
+
+
+def _fit_flags(g) -> None:
+    """The flags of how each model is trained, shared by train, experiment and sweep."""
+    g.add_argument("--epochs", type=_number(int, "--epochs", "an integer >= 1"),
+                   help="epochs (default 20)")
+    g.add_argument("--batch-size", type=_number(int, "--batch-size", "an integer >= 1"),
+                   help="batch size (default 128)")
+    g.add_argument("--validation-split",
+                   type=_number(float, "--validation-split", "a number in [0, 1)"),
+                   help="last fraction of the training set held out (default 0.3)")
     g.add_argument("--optimizer", choices=("keras-adam", "adam"), default=None,
                    help="Adam as Keras computes it (keras-adam, the default: eps added to the "
                         "uncorrected sqrt(v)) or optax's adam (eps added to the bias-corrected "
@@ -60,17 +74,9 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                    help="cross-entropy from the logits (default, as Keras on TensorFlow) or "
                         "from clipped probabilities (as Keras on JAX and PyTorch), in training "
                         "and evaluation alike")
-    if several:
-        g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
-                                       "seed, in one compiled program (default 0)")
-    else:
-        g.add_argument("--seed", type=_number(int, "--seed", "an integer >= 0"),
-                       help="seed (default 0)")
     g.add_argument("--eval-batch-size", type=_number(int, "--eval-batch-size",
                                                      "an integer >= 1"),
                    help="evaluation chunk (default 2000)")
-    g.add_argument("--data-parallel", default=None, metavar="N|all",
-                   help="split each batch over N devices (default 1)")
     g.add_argument("--schedule", choices=("auto", "stack", "sequential", "concurrent"),
                    default=None,
                    help="run the models vmapped in one step (stack), one after another with "
@@ -79,6 +85,9 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                         "on accelerators")
     g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
                    help="generator of the dropout masks (default hash: keyed counter hash)")
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("output")
     r.add_argument("--out", type=Path, default=None,
                    help="run directory (default runs/<timestamp>)")
@@ -86,9 +95,45 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                    help="continue the run in DIR from its newest checkpoint")
     r.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to <out>/tensorboard (needs "
+                        "pip install 'mnist_jax[tensorboard]'; no TensorFlow)")
     r.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache "
                         "($MNIST_JAX_COMPILATION_CACHE or ~/.cache/mnist_jax/...)")
+
+
+def _sweep_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("the sweep")
+    g.add_argument("--search", choices=("grid", "random", "tpe"), default=None,
+                   help="every combination of the values (grid, the default); random points "
+                        "(random); Optuna's TPE, a chunk of trials at a time (tpe)")
+    g.add_argument("--l2", help="L2 coefficients, e.g. 0,1e-5,1e-4,1e-3 (the grid's default); "
+                                "random and tpe: a range low,high (default 1e-6,1e-2, drawn "
+                                "log-uniformly) or one value")
+    g.add_argument("--dropout", help="dropout rates, e.g. 0,0.2,0.45 (the grid's default); "
+                                     "random and tpe: a range (default 0,0.6, uniform) or one "
+                                     "value")
+    g.add_argument("--lr", help="Adam learning rates (default 0.001); random and tpe: a "
+                                "range low,high (log-uniform) or one value")
+    g.add_argument("--l2-layers", help="kernels the L2 penalty applies to (default "
+                                       "hidden_1,hidden_2; output names the last)")
+    g.add_argument("--dropout-layers", help="hidden layers followed by dropout (default "
+                                            "hidden_1,hidden_2)")
+    g.add_argument("--samples", type=_number(int, "--samples", "an integer >= 1"),
+                   help="configurations drawn by random and tpe (default 16)")
+    g.add_argument("--search-seed", type=_number(int, "--search-seed", "an integer >= 0"),
+                   help="seed of the random and TPE draws (default 0)")
+    g.add_argument("--seeds", help="seeds of every configuration, e.g. 0-4 (default 0): the "
+                                   "choice averages over them")
+    g.add_argument("--no-originals", action="store_true", default=None,
+                   help="do not train the original study's four variants alongside")
+    g.add_argument("--chunk", type=_number(int, "--chunk", "an integer >= 0"),
+                   help="configurations per compiled program (default 0: as many as fit in "
+                        "half the device's free memory, at most 1024 models; tpe: 8)")
+    g.add_argument("--model-parallel", default=None, metavar="N|all",
+                   help="split the models of each chunk over N devices (default: all "
+                        "devices on accelerators, 1 on CPU)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,7 +201,128 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default baseline,l2,dropout,l2_dropout)")
     _training(p, several=True)
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("sweep", help="where the best regularisation lies: a grid, random or "
+                       "TPE search over L2, dropout and learning rate",
+                       description="Train every configuration x seed (a chunk of them per "
+                       "compiled program) beside the study's four variants, choose on "
+                       "validation accuracy averaged over seeds, report the choice's test "
+                       "accuracy against the four with paired intervals; report.md, "
+                       "metrics.json, sweep.csv and figures/ in --out.")
+    _common(p)
+    _sweep_flags(p)
+    g = p.add_argument_group("training of each model (defaults: the Keras study's)")
+    _fit_flags(g)
+    _output(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
+
+
+def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r} must be numbers separated by commas, e.g. "
+                          "0,1e-4,1e-3") from e
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _train_given(args) -> dict:
+    """TrainConfig fields given on the command line (the shared training flags)."""
+    given = {"epochs": args.epochs, "batch_size": args.batch_size,
+             "validation_split": args.validation_split, "eval_batch_size": args.eval_batch_size,
+             "schedule": args.schedule, "dropout_rng": args.dropout_rng,
+             "optimizer": args.optimizer, "loss": args.loss}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _agree(pairs, resumed: str = "run") -> None:
+    """Flags given with --resume must equal the resumed run's settings."""
+    def show(value) -> str:
+        if isinstance(value, tuple):
+            return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+        return str(value)
+
+    for key, value, before in pairs:
+        if value != before:
+            raise ConfigError(f"--{key.replace('_', '-')} {show(value)} differs from the "
+                              f"resumed {resumed}'s {show(before)}; leave it out when resuming")
+
+
+def _sweep_config(args):
+    """A SweepConfig from the flags; with --resume, the sweep's saved config, which the flags
+    given must agree with."""
+    import jax
+
+    from mnist_jax import sweep
+    from mnist_jax.config import TrainConfig, parse_seeds
+    from mnist_jax.experiment import load_run_config
+
+    model_parallel = args.model_parallel
+    if model_parallel is not None:
+        model_parallel = (jax.device_count() if model_parallel == "all"
+                          else _int("--model-parallel", model_parallel))
+        if not 1 <= model_parallel <= jax.device_count():
+            raise ConfigError(f"--model-parallel {model_parallel}: this run sees "
+                              f"{jax.device_count()} device(s); choose 1..{jax.device_count()}"
+                              " or 'all'")
+    train = _train_given(args)
+    given = {"search": args.search, "l2": _floats("--l2", args.l2),
+             "dropout": _floats("--dropout", args.dropout),
+             "learning_rate": _floats("--lr", args.lr),
+             "l2_layers": _names(args.l2_layers), "dropout_layers": _names(args.dropout_layers),
+             "samples": args.samples, "search_seed": args.search_seed,
+             "seeds": None if args.seeds is None else parse_seeds(args.seeds),
+             "originals": None if args.no_originals is None else False, "chunk": args.chunk}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume is not None:
+        saved = load_run_config(args.resume, sweep.SweepConfig)
+        _agree([(k, v, getattr(saved, k)) for k, v in given.items()]
+               + [(k, v, getattr(saved.train, k)) for k, v in train.items()]
+               + ([("model_parallel", model_parallel, saved.train.model_parallel)]
+                  if model_parallel is not None else []), "sweep")
+        return saved
+    search = given.get("search", "grid")
+    if search != "grid":
+        given.setdefault("l2", sweep.RANGE_L2)
+        given.setdefault("dropout", sweep.RANGE_DROPOUT)
+    if model_parallel is None:  # accelerators: the models over all of them
+        model_parallel = 1 if jax.default_backend() == "cpu" else jax.device_count()
+    return sweep.SweepConfig(**given, train=TrainConfig(**train, model_parallel=model_parallel))
+
+
+def cmd_sweep(args) -> int:
+    from mnist_jax import runtime
+    from mnist_jax.sweep import sweep_and_report
+
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise ConfigError("give either --out (a new sweep) or --resume DIR, not both")
+    config = _sweep_config(args)
+    out = args.resume or args.out or Path("runs") / datetime.datetime.now().strftime(
+        "sweep-%Y-%m-%dT%H-%M-%S")
+    if not args.no_compilation_cache:
+        runtime.enable_compilation_cache()
+    metrics = sweep_and_report(config, out, data_dir=args.data_dir,
+                               resume=args.resume is not None, overwrite=args.overwrite,
+                               progress=not args.quiet, echo=_say(args.quiet),
+                               tensorboard=args.tensorboard)
+    if not args.quiet:
+        sel, confs = metrics["selection"], metrics["configurations"]
+        on = sel["on"]
+        rows = [f"{'rank':4} {'configuration':36} {on:>13} {'test acc':>9}"]
+        for rank, name in enumerate(sel["ranking"][:5], start=1):
+            st = confs[name]["stats"]
+            rows.append(f"{rank:4} {name:36} {st[on]['mean']:13.2%} "
+                        f"{st['test_accuracy']['mean']:9.2%}")
+        print("\n".join(rows))
+        print(f"chosen on {on}: {sel['configuration']}")
+        print(f"report: {out / 'report.md'}")
+    return 0
 
 
 def cmd_data(args) -> int:
@@ -206,11 +372,7 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
 
         data_parallel = parallel.resolve_devices(
             data_parallel if data_parallel == "all" else _int("--data-parallel", data_parallel))
-    given = {"epochs": args.epochs, "batch_size": args.batch_size,
-             "validation_split": args.validation_split, "learning_rate": args.lr,
-             "eval_batch_size": args.eval_batch_size, "data_parallel": data_parallel,
-             "schedule": args.schedule, "dropout_rng": args.dropout_rng,
-             "optimizer": args.optimizer, "loss": args.loss}
+    given = {**_train_given(args), "learning_rate": args.lr, "data_parallel": data_parallel}
     given = {k: v for k, v in given.items() if v is not None}
     top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
                              ("dropout", args.dropout)) if v is not None}
@@ -222,10 +384,7 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
     saved = load_run_config(args.resume)
     pairs = [(key, value, getattr(saved, key)) for key, value in top.items()]
     pairs += [(key, value, getattr(saved.train, key)) for key, value in given.items()]
-    for key, value, before in pairs:
-        if value != before:
-            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the resumed "
-                              f"run's {before}; leave it out when resuming")
+    _agree(pairs)
     return saved
 
 
@@ -264,7 +423,8 @@ def _run(args, config) -> int:
         runtime.enable_compilation_cache()
     results = train_and_evaluate(config, out, data_dir=args.data_dir,
                                  resume=args.resume is not None, overwrite=args.overwrite,
-                                 progress=not args.quiet, echo=say, command=args.command)
+                                 progress=not args.quiet, echo=say, command=args.command,
+                                 tensorboard=args.tensorboard)
     if not args.quiet:
         print(_results_table(results))
         print(f"report: {out / 'report.md'}")
@@ -313,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
-        if args.command in ("train", "experiment"):
+        if args.command in ("train", "experiment", "sweep"):
             from mnist_jax import parallel
 
             parallel.initialize_distributed()  # before anything touches a device

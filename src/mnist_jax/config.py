@@ -22,7 +22,8 @@ class Variant:
 
     `l2` multiplies sum(W**2) of each kernel named in `l2_layers` (Keras's
     `regularizers.l2(l2)`: no factor 1/2, biases never penalised); `dropout` is the rate of
-    the dropout layer after each hidden layer named in `dropout_layers`.
+    the dropout layer after each hidden layer named in `dropout_layers`; `learning_rate`, if
+    given, replaces the TrainConfig's for this variant (a sweep's points differ in it).
     """
 
     name: str
@@ -30,6 +31,7 @@ class Variant:
     l2_layers: tuple[str, ...] = ()
     dropout: float = 0.0
     dropout_layers: tuple[str, ...] = ()
+    learning_rate: float | None = None
 
     def with_values(self, *, l2: float | None = None, dropout: float | None = None,
                     name: str | None = None) -> Variant:
@@ -72,6 +74,13 @@ class Variant:
                 raise ConfigError(f"variant {self.name!r}: {field} names {unknown}; the model's "
                                   f"layers are {list(allowed)}")
         check_regularisation(self.l2, self.dropout, f" (variant {self.name!r})")
+        lr = self.learning_rate
+        if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
+            raise ConfigError(f"--lr {lr!r} (variant {self.name!r}) must be a finite number >= 0")
+
+    def learning_rate_or(self, default: float) -> float:
+        """This variant's learning rate, or `default` (the TrainConfig's) if it sets none."""
+        return default if self.learning_rate is None else self.learning_rate
 
 
 def check_regularisation(l2: float, dropout: float, where: str = "") -> None:
@@ -136,6 +145,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256)
     eval_batch_size: int = 2000
     data_parallel: int = 1
+    model_parallel: int = 1  # devices the models axis is sharded over (stack schedule)
     schedule: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
     dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
 
@@ -177,6 +187,12 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "
                               f"{self.eval_batch_size} must be multiples of --data-parallel "
                               f"{self.data_parallel}, so each device gets an equal share")
+        integer("--model-parallel", self.model_parallel, 1)
+        if self.model_parallel > 1 and (self.data_parallel > 1
+                                        or self.schedule in ("sequential", "concurrent")):
+            raise ConfigError(f"--model-parallel {self.model_parallel} shards one vmapped "
+                              "stack of models over devices: it needs --schedule stack (or "
+                              "auto) and --data-parallel 1")
         if self.schedule == "concurrent" and self.data_parallel > 1:
             raise ConfigError(f"--schedule concurrent runs several programs at once, which "
                               f"cannot share devices with --data-parallel "

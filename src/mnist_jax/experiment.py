@@ -81,7 +81,7 @@ class ExperimentConfig:
 
 
 @contextlib.contextmanager
-def _timed(parts: dict[str, float], name: str):
+def timed(parts: dict[str, float], name: str):
     t0 = time.perf_counter()
     try:
         yield
@@ -91,13 +91,13 @@ def _timed(parts: dict[str, float], name: str):
 
 def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """The label distributions and 25 random digits as PNGs; returns their relative paths."""
-    return _save_figures({
+    return save_figures({
         "label_distribution": plots.label_distribution(mnist.train_labels, mnist.test_labels),
         "digits": plots.random_digits(mnist.train_images, mnist.train_labels, seed=seed),
     }, Path(out_dir))
 
 
-def _save_figures(made: Mapping[str, Any], out: Path) -> dict[str, str]:
+def save_figures(made: Mapping[str, Any], out: Path) -> dict[str, str]:
     """Each figure as figures/<key>.png under `out`; returns the paths relative to `out`."""
     paths = {key: f"{FIGURES}/{key}.png" for key in made}
     for key, fig in made.items():
@@ -189,7 +189,7 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
         true, predicted, title=f"{best} (seed {seed}): test accuracy "
                                f"{np.mean(true == predicted):.2%}")
     made["misclassified"] = plots.misclassified(mnist.test_images, true, predicted)
-    return _save_figures(made, out_dir)
+    return save_figures(made, out_dir)
 
 
 def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, *,
@@ -209,9 +209,9 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     out = Path(out_dir)
     primary = jax.process_index() == 0  # with several hosts, one writes the files
     variants = config.resolve()
-    with _timed(parts, "eda"):
+    with timed(parts, "eda"):
         eda = run_eda(mnist, out, seed=config.seeds[0]) if primary else {}
-    with _timed(parts, "prepare"):
+    with timed(parts, "prepare"):
         splits = fit.prepare(mnist, config.train.validation_split)
         if stack is None:
             stack = fit.new_stack(variants, config.seeds, config.train,
@@ -223,15 +223,15 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
          f"{config.train.epochs} epochs, {fit.schedule(config.train)} schedule; batch "
          f"{config.train.batch_size} on {devices} device(s), "
          f"{config.train.batch_size // devices} per device")
-    with _timed(parts, "fit"):  # compile + train + checkpoints
+    with timed(parts, "fit"):  # compile + train + checkpoints
         fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
     echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
 
-    with _timed(parts, "evaluate"):  # test set and all 60k training images, every model
+    with timed(parts, "evaluate"):  # test set and all 60k training images, every model
         results_variants = collect(stack, splits)
     selection = select(results_variants)
     best = selection["variant"]
-    with _timed(parts, "figures"):
+    with timed(parts, "figures"):
         figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
                         if primary else {})
     results = {
@@ -272,14 +272,21 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 
 
-def load_run_config(out_dir: str | Path) -> ExperimentConfig:
-    """The config a run directory was started with (its run.json)."""
+def load_run_config(out_dir: str | Path, kind: type = ExperimentConfig) -> Any:
+    """The config a run directory was started with (its run.json), as a `kind` (the
+    ExperimentConfig of `experiment` and `train`, a sweep's SweepConfig)."""
     if Path(out_dir).is_file():
         raise ConfigError(f"--resume {out_dir} is a file; give the run's directory (the --out "
                           "it was started with)")
     path = Path(out_dir) / RUN_FILE
     try:
-        return ExperimentConfig.from_dict(json.loads(path.read_text())["config"])
+        record = json.loads(path.read_text())
+        if record.get("command", "experiment") != "sweep" and kind is not ExperimentConfig or (
+                record.get("command") == "sweep" and kind is ExperimentConfig):
+            raise ConfigError(f"--resume {out_dir} holds a `{record.get('command')}` run; "
+                              f"resume it with: mnist-jax {record.get('command')} --resume "
+                              f"{out_dir}")
+        return kind.from_dict(record["config"])
     except FileNotFoundError as e:
         raise ConfigError(f"--resume {out_dir}: there is no run there (no {RUN_FILE}); "
                           "start one with --out") from e
@@ -288,22 +295,23 @@ def load_run_config(out_dir: str | Path) -> ExperimentConfig:
 
 
 def _clear_outputs(out: Path) -> None:
-    for name in (RUN_FILE, "metrics.json", "report.md"):
+    for name in (RUN_FILE, "metrics.json", "report.md", "sweep.csv"):
         (out / name).unlink(missing_ok=True)
     for path in out.glob("history_*.csv"):
         path.unlink()
-    for name in (FIGURES, CHECKPOINTS):
+    for name in (FIGURES, CHECKPOINTS, "chunks", "tensorboard"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def prepare_run_dir(out_dir: str | Path, config: ExperimentConfig, *, resume: bool,
+def prepare_run_dir(out_dir: str | Path, config: Any, *, resume: bool,
                     overwrite: bool, command: str = "experiment") -> Path:
-    """Checks that `out_dir` may receive this run, then records its config there."""
+    """Checks that `out_dir` may receive this run (`config`: an ExperimentConfig, or a
+    SweepConfig), then records its config there."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory")
     if resume:
-        saved = load_run_config(out)
+        saved = load_run_config(out, type(config))
         if saved != config:
             raise ConfigError(f"--resume {out}: the run there was started with another config")
         return out
@@ -322,7 +330,7 @@ def prepare_run_dir(out_dir: str | Path, config: ExperimentConfig, *, resume: bo
     return out
 
 
-def _set_status(out: Path, status: str, **extra: Any) -> None:
+def set_status(out: Path, status: str, **extra: Any) -> None:
     record = json.loads((out / RUN_FILE).read_text())
     files.write_json(out / RUN_FILE, {**record, "status": status, **extra})
 
@@ -333,7 +341,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _deferred_interrupt(echo: Callable[[str], None]):
+def deferred_interrupt(echo: Callable[[str], None]):
     """First Ctrl-C or SIGTERM: finish the epoch in flight, checkpoint it, then stop (the list
     yielded receives the signal's number). A second one: stop at once (StopNow)."""
     requested: list[int] = []
@@ -357,11 +365,53 @@ def _deferred_interrupt(echo: Callable[[str], None]):
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def recording_outcome(out: Path, primary: bool, resume_with: str,
+                      done: Callable[[], dict[str, Any]],
+                      saved: Callable[[], tuple[dict[str, Any], str]]):
+    """Records in run.json how a run ended early, and re-raises: interrupted (a signal; after
+    the checkpoint, or at once on a second one), diverged, or failed (a full disk, an I/O
+    error: a WriteError naming the file, what is intact and the resume command).
+
+    `done()` is the progress made (run.json fields); `saved()` the progress the newest
+    checkpoint holds, with its description for messages.
+    """
+    try:
+        yield
+    except Interrupted as e:
+        if primary:
+            set_status(out, "interrupted", **done(), signal=signal.Signals(e.signum).name,
+                        resume=resume_with)
+        raise
+    except TrainingDiverged as e:
+        if primary:
+            set_status(out, "diverged", **done(), error=str(e))
+        raise
+    except KeyboardInterrupt as e:  # a second signal (StopNow): at once, mid-epoch
+        if primary:
+            set_status(out, "interrupted", **saved()[0],
+                        signal=signal.Signals(getattr(e, "signum", signal.SIGINT)).name,
+                        resume=resume_with)
+        raise
+    except (OSError, WriteError) as e:  # a full disk, an I/O error
+        from mnist_jax.checkpoint import cause
+
+        what = (str(e) if isinstance(e, WriteError) else
+                f"could not write {e.filename or out}: {cause(e)}")
+        fields, newest = saved()
+        error = WriteError(f"{what}. What was written before is intact ({newest}); free "
+                           f"space or fix the disk, then continue with: {resume_with}")
+        if primary:
+            with contextlib.suppress(OSError):  # the disk may refuse this too
+                set_status(out, "failed", **fields, error=str(error))
+        raise error from e
+
+
 def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                        data_dir: str | Path | None = None, resume: bool = False,
                        overwrite: bool = False, progress: bool = True,
                        echo: Callable[[str], None] = print,
-                       command: str = "experiment") -> dict[str, Any]:
+                       command: str = "experiment", tensorboard: bool = False) -> dict[str, Any]:
     """The main job: validate everything, then run the study into `out_dir`, checkpointing
     every epoch; with `resume`, continue the run there from its newest intact checkpoint.
 
@@ -369,11 +419,17 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     before any work for bad settings, CheckpointError when no checkpoint is intact,
     TrainingDiverged (the last good checkpoint kept), Interrupted (after checkpointing, on
     Ctrl-C or SIGTERM) and WriteError (disk full, I/O error) otherwise; `run.json` records
-    the outcome. `command` is the CLI command that resumes the run, for messages.
+    the outcome. `command` is the CLI command that resumes the run, for messages;
+    `tensorboard` also writes TensorBoard event files (per-epoch scalars per model) to
+    <out>/tensorboard.
     """
     from mnist_jax.data import check_data_dir
 
     config.validate()
+    if tensorboard:
+        from mnist_jax import tensorboard as tb
+
+        tb.available()
     check_data_dir(data_dir)
     primary = jax.process_index() == 0
     out = Path(out_dir)
@@ -391,7 +447,10 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                 echo(f"the run in {out} is complete ({record.get('epochs_done')} of "
                      f"{config.train.epochs} epochs): nothing to resume")
                 return json.loads((out / "metrics.json").read_text())
-        return _train_into(config, out, data_dir, resume, progress, echo, command, primary)
+        results = _train_into(config, out, data_dir, resume, progress, echo, command, primary)
+    if tensorboard and primary:
+        tb.write(out / tb.DIRECTORY, {name: v["runs"] for name, v in results["variants"].items()})
+    return results
 
 
 def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, progress: bool,
@@ -401,11 +460,11 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
     from mnist_jax.data import load_mnist
 
     parts: dict[str, float] = {}
-    with _timed(parts, "load_data"):
+    with timed(parts, "load_data"):
         mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
     mgr = checkpoint.manager(out / CHECKPOINTS)
-    with _timed(parts, "init"):  # compiling and running the initialiser
+    with timed(parts, "init"):  # compiling and running the initialiser
         stack = fit.new_stack(config.resolve(), config.seeds, config.train,
                               len(mnist.train_images))
     echo(summary(stack.model))
@@ -415,7 +474,14 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
         else:
             echo(f"resuming after epoch {stack.epochs_done} of {config.train.epochs}")
     resume_with = f"mnist-jax {command} --resume {out}"
-    with _deferred_interrupt(echo) as interrupt:
+
+    def saved() -> tuple[dict[str, Any], str]:  # what the newest checkpoint holds
+        mgr.reload()  # a failed save leaves the previous one newest
+        kept = mgr.latest_step() or 0
+        return ({"epochs_done": kept},
+                f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet")
+
+    with deferred_interrupt(echo) as interrupt:
         def on_epoch_end(s: fit.Stack) -> None:
             checkpoint.save(mgr, s)
             if interrupt and s.epochs_done < config.train.epochs:
@@ -424,41 +490,15 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
                                   f"{config.train.epochs}, checkpoint saved; resume with: "
                                   f"{resume_with}", signum=interrupt[0])
         try:
-            results = run_experiment(config, mnist, out, progress=progress, echo=echo,
-                                     on_epoch_end=on_epoch_end, stack=stack, parts=parts)
-        except Interrupted as e:
-            if primary:
-                _set_status(out, "interrupted", epochs_done=stack.epochs_done,
-                            signal=signal.Signals(e.signum).name, resume=resume_with)
-            raise
-        except TrainingDiverged as e:
-            if primary:
-                _set_status(out, "diverged", epochs_done=stack.epochs_done, error=str(e))
-            raise
-        except KeyboardInterrupt as e:  # a second signal (StopNow): at once, mid-epoch
-            if primary:
-                mgr.reload()
-                _set_status(out, "interrupted", epochs_done=mgr.latest_step() or 0,
-                            signal=signal.Signals(getattr(e, "signum", signal.SIGINT)).name,
-                            resume=resume_with)
-            raise
-        except (OSError, WriteError) as e:  # a full disk, an I/O error
-            what = (str(e) if isinstance(e, WriteError) else
-                    f"could not write {e.filename or out}: {checkpoint.cause(e)}")
-            mgr.reload()
-            kept = mgr.latest_step() or 0  # a failed save leaves the previous one newest
-            newest = f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet"
-            error = WriteError(f"{what}. What was written before is intact ({newest}); free "
-                               f"space or fix the disk, then continue with: {resume_with}")
-            if primary:
-                with contextlib.suppress(OSError):  # the disk may refuse this too
-                    _set_status(out, "failed", epochs_done=kept, error=str(error))
-            raise error from e
+            with recording_outcome(out, primary, resume_with,
+                                   lambda: {"epochs_done": stack.epochs_done}, saved):
+                results = run_experiment(config, mnist, out, progress=progress, echo=echo,
+                                         on_epoch_end=on_epoch_end, stack=stack, parts=parts)
         finally:
             mgr.close()
         # Still inside the handler: a signal after the last epoch lets the run complete.
         if primary:
-            _set_status(out, "complete", epochs_done=stack.epochs_done)
+            set_status(out, "complete", epochs_done=stack.epochs_done)
         if interrupt:
             echo(f"{signal.Signals(interrupt[0]).name} came after the last epoch: the run "
                  "completed")

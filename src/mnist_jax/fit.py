@@ -83,6 +83,9 @@ class Stack:
     epochs_done: int = 0
     compile_seconds: float = 0.0  # compiling and running the initialiser, compiling the epoch
     train_seconds: float = 0.0
+    # Models that diverged while training went on (fit's halt_on_divergence=False): the first
+    # time each did, {"variant", "seed", "epoch", "step", "loss"}.
+    diverged: list[dict] = dataclasses.field(default_factory=list)
 
     def params(self, variant: str, seed_index: int = 0):
         """The parameters of one model of the stack."""
@@ -117,12 +120,12 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         variant.validate(config.hidden)
     model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
                 dropout_rng=config.dropout_rng)
-    init = functools.partial(_init_state(), model=model, tx=tx_for(config),
-                             learning_rate=config.learning_rate)
+    init = functools.partial(_init_state(), model=model, tx=tx_for(config))
     rows, shuffle_keys, dropout_keys = [], [], []
     for seed in seeds:
         init_key, shuffle_key, dropout_key = run_keys(seed)
-        rows.append([init(init_key, hparams=Hyperparams(
+        rows.append([init(init_key, learning_rate=v.learning_rate_or(config.learning_rate),
+                          hparams=Hyperparams(
             l2=jnp.asarray(v.l2_vector(config.hidden)),
             dropout=jnp.asarray(v.dropout_vector(config.hidden)))) for v in variants])
         shuffle_keys.append(shuffle_key)
@@ -139,7 +142,8 @@ def tx_for(config: TrainConfig) -> optax.GradientTransformation:
 
 _train_epoch = jax.jit(train_epoch, donate_argnames=("state",),
                        static_argnames=("model", "tx", "batch_size", "eval_batch_size",
-                                        "batch_sharding", "loss_form"))
+                                        "batch_sharding", "loss_form",
+                                        "halt_on_divergence", "models_sharding"))
 
 
 def compiler_options() -> dict[str, bool]:
@@ -179,6 +183,15 @@ _evaluate_stack = jax.jit(evaluate_stack,
                           static_argnames=("model", "batch_size", "batch_sharding", "loss_form"))
 
 
+def place_state(state: TrainState, config: TrainConfig) -> TrainState:
+    """A stack's state on its devices: replicated for data parallelism, the variants axis
+    split over `config.model_parallel` devices (each trains its share), or on the default
+    device."""
+    if config.model_parallel > 1:
+        return parallel.put_models(state, parallel.models_mesh(config.model_parallel))
+    return parallel.put(state, parallel.data_mesh(config.data_parallel))
+
+
 def epoch_data(splits: Splits, mesh=None) -> EpochData:
     """The training and validation arrays, placed on the device(s) once."""
     return parallel.put(EpochData(splits.train_images, splits.train_labels, splits.val_images,
@@ -187,6 +200,12 @@ def epoch_data(splits: Splits, mesh=None) -> EpochData:
 
 def _describe(metrics: EpochMetrics, stack: Stack) -> str:
     """The progress bar's metrics: each variant's (seed-averaged) latest numbers."""
+    if len(stack.variants) > 4:  # a sweep: the best and the mean, not every model
+        val = metrics.val_accuracy.mean(axis=0)
+        key = val if np.isfinite(val).any() else metrics.accuracy.mean(axis=0)
+        best = int(np.nanargmax(np.where(np.isfinite(key), key, -np.inf)))
+        return (f"{len(stack.variants)} configurations: best {stack.variants[best].name} "
+                f"{key[best]:.4f}, mean {np.nanmean(key):.4f}")
     parts = []
     one = len(stack.variants) == 1
     for v, variant in enumerate(stack.variants):
@@ -214,7 +233,7 @@ def schedule(config: TrainConfig) -> str:
     """
     if config.schedule != "auto":
         return config.schedule
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or config.model_parallel > 1:
         return "stack"
     return "concurrent" if config.data_parallel == 1 else "sequential"
 
@@ -243,12 +262,16 @@ def _merge(grid: list[list]):
 
 
 def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochData, mesh,
+                  halt_on_divergence: bool = True,
                   ) -> Callable[[TrainState, jax.Array], tuple[TrainState, EpochMetrics]]:
     """Compiles the epoch once (AOT, so compilation is timed apart) for the schedule."""
     config = stack.config
     static = dict(model=stack.model, tx=tx_for(config), batch_size=config.batch_size,
                   eval_batch_size=config.eval_batch_size,
-                  batch_sharding=parallel.batch_sharding(mesh), loss_form=config.loss)
+                  batch_sharding=parallel.batch_sharding(mesh), loss_form=config.loss,
+                  halt_on_divergence=halt_on_divergence,
+                  models_sharding=parallel.models_sharding(
+                      parallel.models_mesh(config.model_parallel)))
     epoch0 = jnp.asarray(stack.epochs_done, jnp.int32)
     n_seeds, n_variants = len(stack.seeds), len(stack.variants)
     if schedule(config) == "stack" or n_seeds * n_variants == 1:
@@ -279,20 +302,23 @@ def _epoch_runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochDat
 
 
 def fit(stack: Stack, splits: Splits, *, progress: bool = True,
-        on_epoch_end: Callable[[Stack], None] | None = None) -> Stack:
+        on_epoch_end: Callable[[Stack], None] | None = None,
+        halt_on_divergence: bool = True) -> Stack:
     """Trains the stack from `stack.epochs_done` to `config.epochs`, in place; returns it.
 
     `on_epoch_end(stack)` runs after every epoch (checkpoints, interruption); it may replace
     `stack.state`. Raises TrainingDiverged, after `on_epoch_end` has seen every good epoch,
-    when a model's loss turns non-finite or explodes.
+    when a model's loss turns non-finite or explodes; with `halt_on_divergence=False` such a
+    model keeps its last good state, is listed in `stack.diverged`, and the others train on.
     """
     config = stack.config
     mesh = parallel.data_mesh(config.data_parallel)
-    data = epoch_data(splits, mesh)
-    state = parallel.put(stack.state, mesh)
-    keys = stack.keys = parallel.put(stack.keys, mesh)  # global arrays for checkpoints too
+    devices = mesh or parallel.models_mesh(config.model_parallel)
+    data = epoch_data(splits, devices)
+    state = place_state(stack.state, config)
+    keys = stack.keys = parallel.put(stack.keys, devices)  # global arrays for checkpoints too
     t0 = time.perf_counter()
-    run_epoch = _epoch_runner(stack, state, keys, data, mesh)
+    run_epoch = _epoch_runner(stack, state, keys, data, mesh, halt_on_divergence)
     stack.compile_seconds += time.perf_counter() - t0
 
     desc = stack.variants[0].name if len(stack.variants) == 1 else "epoch"
@@ -304,14 +330,17 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
             state, metrics = run_epoch(state, jnp.asarray(epoch, jnp.int32))
             metrics = EpochMetrics(*parallel.to_host(metrics))
             stack.train_seconds += time.perf_counter() - t0
-            _check_finite(metrics, stack, epoch, steps)
+            if halt_on_divergence:
+                _check_finite(metrics, stack, epoch, steps)
+            else:
+                _record_diverged(metrics, stack, epoch)
             stack.state = state
             stack.epochs_done = epoch + 1
             _append(stack, metrics)
             bar.update(epoch + 1, _describe(metrics, stack))
             if on_epoch_end is not None:
                 on_epoch_end(stack)  # it may replace stack.state (a schedule, say)
-                state = parallel.put(stack.state, mesh)
+                state = place_state(stack.state, config)
     finally:
         bar.close()
     return stack
@@ -334,6 +363,17 @@ def _check_finite(metrics: EpochMetrics, stack: Stack, epoch: int, steps: int) -
         variant=name, epoch=epoch + 1, step=step)
 
 
+def _record_diverged(metrics: EpochMetrics, stack: Stack, epoch: int) -> None:
+    """Adds each model that diverged in this epoch for the first time to `stack.diverged`."""
+    seen = {(d["variant"], d["seed"]) for d in stack.diverged}
+    for s, v in np.argwhere(metrics.bad_step >= 0):
+        key = (stack.variants[v].name, stack.seeds[s])
+        if key not in seen:
+            stack.diverged.append({"variant": key[0], "seed": key[1], "epoch": epoch + 1,
+                                   "step": int(metrics.bad_step[s, v]) + 1,
+                                   "loss": float(metrics.bad_loss[s, v])})
+
+
 def _append(stack: Stack, metrics: EpochMetrics) -> None:
     has_val = stack.config.validation_split > 0
     for v, variant in enumerate(stack.variants):
@@ -354,6 +394,10 @@ def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainCo
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"two variants share the name {twice[0]!r}: names identify results; "
                           "give each its own (Variant.with_values(..., name=...))")
+    if len(variants) % config.model_parallel:
+        raise ConfigError(f"{len(variants)} variants cannot be split evenly over "
+                          f"--model-parallel {config.model_parallel} devices; make the count a "
+                          "multiple of it")
     t0 = time.perf_counter()
     model, state, keys = init_stack(variants, seeds, config)
     jax.block_until_ready(state)
@@ -417,7 +461,9 @@ def evaluate_models(stack: Stack, images: np.ndarray, labels: np.ndarray,
                     ) -> dict[str, np.ndarray]:
     """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V)."""
     mesh = parallel.data_mesh(stack.config.data_parallel)
-    state, images, labels = parallel.put((stack.state, images, labels), mesh)
+    state = place_state(stack.state, stack.config)
+    images, labels = parallel.put((images, labels),
+                                  mesh or parallel.models_mesh(stack.config.model_parallel))
     out = _evaluate_stack(state, images, labels, model=stack.model,
                           batch_size=stack.config.eval_batch_size,
                           batch_sharding=parallel.batch_sharding(mesh),

@@ -56,6 +56,40 @@ def data_mesh(n_devices: int) -> Mesh | None:
     return Mesh(devices, (DATA_AXIS,))
 
 
+MODELS_AXIS = "models"
+
+
+def models_mesh(n_devices: int) -> Mesh | None:
+    """A 1-D mesh over the first `n_devices` devices for a stack's models axis, or None."""
+    if n_devices == 1:
+        return None
+    if n_devices > jax.device_count():
+        raise ConfigError(f"--model-parallel {n_devices}: this run sees {jax.device_count()} "
+                          f"device(s); choose 1..{jax.device_count()}")
+    return Mesh(np.array(jax.devices()[:n_devices]), (MODELS_AXIS,))
+
+
+def models_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    """Sharding of a stack's (S, V, ...) leaf: the variants axis split over `mesh`."""
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec(None, MODELS_AXIS))
+
+
+def put_models(tree: Any, mesh: Mesh) -> Any:
+    """A stack's (S, V, ...) leaves with the V axis split over `mesh`: each device holds and
+    trains its share of the models, which never talk to each other (no collectives)."""
+    sharding = models_sharding(mesh)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
 def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
     """Sharding of a (S, B, features) batch: the batch axis split over the devices."""
     return None if mesh is None else NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
@@ -90,7 +124,11 @@ def to_host(tree: Any) -> Any:
     """Device arrays -> NumPy; replicated arrays are read from this process's first copy."""
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils  # shared out: gather every host's
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
     return jax.tree.map(get, tree)

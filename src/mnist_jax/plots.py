@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle as _Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from mnist_jax import files
@@ -211,3 +213,95 @@ def misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
     return digit_grid(images[wrong], true[wrong], titles=titles, rows=rows, cols=cols,
                       title=title or f"misclassified: {int((true != predicted).sum())} of "
                                      f"{len(true)} (first {len(wrong)} shown, true → predicted)")
+
+
+def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
+                  mean_val: np.ndarray, *, n_seeds: int, chosen: tuple[int, int] | None = None,
+                  marks: Mapping[str, tuple[int, int]] | None = None, title: str = "",
+                  ) -> Figure:
+    """Mean validation accuracy (%) over an L2 x dropout grid, `mean_val[i_l2, i_dropout]`
+    (NaN: diverged or not trained), every cell annotated; the chosen cell framed, the cells
+    of `marks` (the original variants) labelled with their names."""
+    values = np.asarray(mean_val, np.float64).T * 100  # rows: dropout, columns: L2
+    fig = Figure(figsize=(1.3 * len(l2_values) + 2.6, 0.8 * len(dropout_values) + 1.8),
+                 layout="constrained")
+    ax = fig.subplots()
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, origin="lower",
+                      vmin=low, vmax=max(high, low + 1e-6), aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"validation accuracy (%), mean of {n_seeds}",
+                 format="%.2f")
+    for (r, c), value in np.ndenumerate(values):
+        bright = np.isfinite(value) and value > (low + high) / 2
+        ax.text(c, r, f"{value:.2f}" if np.isfinite(value) else "diverged", ha="center",
+                va="center", fontsize=9, color="black" if bright else "white")
+    for name, (i, j) in (marks or {}).items():
+        ax.text(i, j - 0.32, name, ha="center", va="center", fontsize=7, style="italic",
+                color="#ffdddd")
+    if chosen is not None:
+        i, j = chosen
+        ax.add_patch(_Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor="#d62728",
+                                linewidth=2.5))
+        ax.text(i, j + 0.3, "chosen", ha="center", va="center", fontsize=7,
+                color="#d62728", weight="bold")
+    ax.set(xticks=range(len(l2_values)), xticklabels=[f"{v:g}" for v in l2_values],
+           yticks=range(len(dropout_values)), yticklabels=[f"{v:g}" for v in dropout_values],
+           xlabel="L2 coefficient", ylabel="dropout rate")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def sweep_scatter(l2: Sequence[float], dropout: Sequence[float], learning_rate: Sequence[float],
+                  mean_val: Sequence[float], *, n_seeds: int, chosen: int,
+                  title: str = "") -> Figure:
+    """Random or TPE points: L2 (log) against dropout, coloured by mean validation accuracy
+    (%); beside it, accuracy against the learning rate when that varies. The chosen point is
+    circled."""
+    val = np.asarray(mean_val, np.float64) * 100
+    ok = np.isfinite(val)
+    lrs = np.asarray(learning_rate, np.float64)
+    panels = 2 if len(set(lrs.tolist())) > 1 else 1
+    fig = Figure(figsize=(5.2 * panels + 1, 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    x = np.asarray(l2, np.float64)
+    dots = axes[0].scatter(x[ok], np.asarray(dropout)[ok], c=val[ok], cmap="viridis", s=40,
+                           edgecolors="none")
+    axes[0].scatter(x[~ok], np.asarray(dropout)[~ok], marker="x", color="#7f7f7f",
+                    label="diverged")
+    axes[0].scatter([x[chosen]], [dropout[chosen]], s=160, facecolors="none",
+                    edgecolors="#d62728", linewidths=2, label="chosen")
+    axes[0].set(xscale="log", xlabel="L2 coefficient", ylabel="dropout rate", title=title)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.colorbar(dots, ax=axes[0], label=f"validation accuracy (%), mean of {n_seeds}")
+    if panels == 2:
+        axes[1].scatter(lrs[ok], val[ok], s=30)
+        axes[1].scatter([lrs[chosen]], [val[chosen]], s=160, facecolors="none",
+                        edgecolors="#d62728", linewidths=2)
+        axes[1].set(xscale="log", xlabel="learning rate",
+                    ylabel="validation accuracy (%)")
+    return fig
+
+
+def top_curves(curves: Mapping[str, np.ndarray], *, n_seeds: int,
+               references: Sequence[str] = ()) -> Figure:
+    """Validation accuracy (%) per epoch, mean over seeds, of each configuration in `curves`
+    (name -> (epochs,)); the names in `references` (the original variants) dashed."""
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.subplots()
+    n_epochs = 1
+    for k, (name, curve) in enumerate(curves.items()):
+        curve = np.asarray(curve, np.float64) * 100
+        n_epochs = len(curve)
+        epochs = np.arange(1, len(curve) + 1)
+        ax.plot(epochs, curve, "--" if name in references else "-",
+                color=COLORS[k % len(COLORS)], label=name,
+                marker="o" if len(curve) <= MARKERS_UP_TO else None, markersize=4)
+    _epoch_axis(ax, n_epochs)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)",
+           title=f"The best configurations (solid) and the original variants (dashed): "
+                 f"mean of {n_seeds} seed(s)")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -292,14 +292,19 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
                 model: MLP, tx: optax.GradientTransformation, batch_size: int,
                 eval_batch_size: int,
                 batch_sharding: jax.sharding.Sharding | None = None,
-                loss_form: str = "logits",
+                loss_form: str = "logits", halt_on_divergence: bool = True,
+                models_sharding: jax.sharding.NamedSharding | None = None,
                 ) -> tuple[TrainState, EpochMetrics]:
     """One epoch of every model in the (S, V) stack, then validation, in one program.
 
     Each seed draws a fresh permutation of the training set (fold_in(shuffle key, epoch)),
     every sample is visited once, the last partial batch included. A model whose loss turns
     non-finite (or explodes, see DIVERGED_CROSS_ENTROPY) stops the loop at that step; the
-    host reports it from `bad_step` and `bad_loss`.
+    host reports it from `bad_step` and `bad_loss`. With `halt_on_divergence=False` (sweeps,
+    where a learning rate too high for some models must not stop the others) the loop goes on
+    and such a model keeps its last good state from that step to the epoch's end.
+    `models_sharding` (of a (S, V) leaf, the V axis split over devices) keeps every model, its
+    batches and its updates on the device that holds it: no collectives.
     """
     s, v = stack_shape(state)
     n = data.train_images.shape[0]
@@ -312,8 +317,23 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
     step = functools.partial(train_step, model=model, tx=tx, loss_form=loss_form)
     single = (s, v) == (1, 1)
 
+    # The loop's one models axis: seed-major (s * V + v), or variant-major (v * S + s) when
+    # the variants axis is split over devices, so that each device's models stay one block.
+    sharded = models_sharding is not None
+    loop_sharding = (None if not sharded else jax.sharding.NamedSharding(
+        models_sharding.mesh, jax.sharding.PartitionSpec(models_sharding.spec[1])))
+
+    def constrain(a, sharding):
+        return a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
+
     def per_model(a):  # (S, ...) -> (S * V, ...): each model gets its seed's value
+        if sharded:
+            a = jnp.broadcast_to(a[None], (v, s, *a.shape[1:])).reshape(s * v, *a.shape[1:])
+            return constrain(a, loop_sharding)
         return jnp.broadcast_to(a[:, None], (s, v, *a.shape[1:])).reshape(s * v, *a.shape[1:])
+
+    def to_stack(a):  # (S * V,) in the loop's order -> (S, V)
+        return a.reshape(v, s).T if sharded else a.reshape(s, v)
 
     def step_all(state, images, labels, w, step_keys):
         if single:  # the loop carries the unstacked state (see below)
@@ -326,7 +346,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
         # 1.44x faster for the study's 4 models on 2 CPU cores, 1.16x for 8.
         state, m = jax.vmap(step, in_axes=(0, Batch(0, 0, None), 0))(
             state, Batch(per_model(images), per_model(labels), w), per_model(step_keys))
-        return state, jax.tree.map(lambda a: a.reshape(s, v), m)
+        return state, jax.tree.map(to_stack, m)
 
     def body(carry):
         i, state, sums, bad, bad_loss = carry
@@ -337,9 +357,14 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
             images = jax.lax.with_sharding_constraint(images, batch_sharding)
             labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys.dropout, first_step + i)
-        state, m = step_all(state, images, labels, weights[i], step_keys)
+        new_state, m = step_all(state, images, labels, weights[i], step_keys)
         ok = jnp.isfinite(m.loss) & (m.cross_entropy < DIVERGED_CROSS_ENTROPY)
         newly = (bad < 0) & ~ok
+        if halt_on_divergence:  # the loop stops at this step: no model's state is kept back
+            state = new_state
+        else:  # a diverged model keeps its state from before its first bad step
+            state = jax.tree.map(lambda new, old: jnp.where(
+                _model_mask((bad < 0) & ok, new.ndim), new, old), new_state, state)
         bad = jnp.where(newly, i, bad)
         bad_loss = jnp.where(newly, m.loss, bad_loss)
         sums = (sums[0] + m.loss * m.count, sums[1] + m.cross_entropy * m.count,
@@ -348,7 +373,13 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
 
     def cond(carry):
         i, _, _, bad, _ = carry
+        if not halt_on_divergence:  # the steps alone: no reduction over (sharded) models
+            return i < steps
         return (i < steps) & jnp.all(bad < 0)
+
+    def _model_mask(good, ndim):  # (S, V) -> broadcastable over a loop-carried leaf
+        flat = good.reshape(()) if single else (good.T if sharded else good).reshape(s * v)
+        return flat.reshape(flat.shape + (1,) * (ndim - flat.ndim))
 
     zeros = jnp.zeros((s, v), jnp.float32)
     # The loop carries the state as the step makes it: a lone model's without its (1, 1)
@@ -356,6 +387,13 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
     # the weights and the optimizer state every step.
     if single:
         to_loop, from_loop = (lambda a: a[0, 0]), (lambda a: a[None, None])
+    elif sharded:
+        def to_loop(a):
+            return constrain(jnp.swapaxes(a, 0, 1).reshape(s * v, *a.shape[2:]), loop_sharding)
+
+        def from_loop(a):
+            return constrain(jnp.swapaxes(a.reshape(v, s, *a.shape[1:]), 0, 1),
+                             models_sharding)
     else:
         to_loop = lambda a: a.reshape(s * v, *a.shape[2:])  # noqa: E731
         from_loop = lambda a: a.reshape(s, v, *a.shape[1:])  # noqa: E731

@@ -1,0 +1,674 @@
+"""Sweeps: where the best regularisation lies, and whether the differences are real.
+
+A sweep's configurations are `Variant`s (L2 coefficient, dropout rate, learning rate as
+values) trained by the study's machinery: each chunk of configurations, times the seeds, is
+one stack (`fit.fit`), so hundreds of models share one compiled program. The searches: a grid,
+random points (log-uniform L2 and learning rate, uniform dropout) drawn from an explicit key,
+and Optuna's TPE sampler asked and told one chunk at a time. The choice is made on validation
+accuracy averaged over seeds; the test set only reports it, with paired intervals against the
+original study's four variants, which the sweep trains alongside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mnist_jax import files, fit, stats
+from mnist_jax.config import VARIANTS, TrainConfig, Variant, check_regularisation
+from mnist_jax.errors import ConfigError, Interrupted
+from mnist_jax.model import dense_names
+
+SEARCHES = ("grid", "random", "tpe")
+GRID_L2 = (0.0, 1e-5, 1e-4, 1e-3)
+GRID_DROPOUT = (0.0, 0.2, 0.45)
+RANGE_L2 = (1e-6, 1e-2)  # random and TPE: log-uniform
+RANGE_DROPOUT = (0.0, 0.6)  # uniform
+ORIGINAL_LR = 1e-3  # the study's Adam learning rate: the original variants are trained at it
+MAX_MODELS_PER_CHUNK = 1024
+TPE_BATCH = 8  # trials asked, trained together, then told, by default
+CHUNKS = "chunks"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep. For `search="grid"`, `l2`, `dropout` and `learning_rate` list values
+    (every combination is trained); for 'random' and 'tpe', each is a (low, high) range or
+    one fixed value, and `samples` configurations are drawn. `chunk`: configurations per
+    compiled program (0: as many as fit the device's memory, see `auto_chunk`)."""
+
+    search: str = "grid"
+    l2: tuple[float, ...] = GRID_L2
+    dropout: tuple[float, ...] = GRID_DROPOUT
+    learning_rate: tuple[float, ...] = (ORIGINAL_LR,)
+    l2_layers: tuple[str, ...] = ("hidden_1", "hidden_2")
+    dropout_layers: tuple[str, ...] = ("hidden_1", "hidden_2")
+    samples: int = 16
+    search_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    originals: bool = True  # train the study's four variants as points of the sweep
+    chunk: int = 0
+    train: TrainConfig = TrainConfig()
+
+    def validate(self, n_train: int = 60000) -> None:
+        """Every setting, before any work starts; raises ConfigError naming the flag."""
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search {self.search!r} must be one of {', '.join(SEARCHES)}")
+        self.train.validate(n_train)
+        names = dense_names(self.train.hidden)
+        for flag, layers, allowed in (("--l2-layers", self.l2_layers, names),
+                                      ("--dropout-layers", self.dropout_layers, names[:-1])):
+            unknown = [n for n in layers if n not in allowed]
+            if unknown or not layers:
+                raise ConfigError(f"{flag} {','.join(layers) or '(none)'}: name one or more of "
+                                  f"{','.join(allowed)}")
+        for flag, values in (("--l2", self.l2), ("--dropout", self.dropout),
+                             ("--lr", self.learning_rate)):
+            if not values:
+                raise ConfigError(f"{flag} is empty; give at least one value")
+            if self.search != "grid" and len(values) > 2:
+                raise ConfigError(f"{flag} {_show(values)}: --search {self.search} takes a "
+                                  "range low,high or one fixed value")
+            if self.search == "grid" and len(set(values)) != len(values):
+                raise ConfigError(f"{flag} {_show(values)} lists a value twice")
+        for l2 in self.l2:
+            check_regularisation(l2, 0.0)
+        for rate in self.dropout:
+            check_regularisation(0.0, rate)
+        for lr in self.learning_rate:
+            if not (math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"--lr {lr!r} must be a finite number > 0")
+        if self.search != "grid":
+            for flag, values, log in (("--l2", self.l2, True), ("--dropout", self.dropout, False),
+                                      ("--lr", self.learning_rate, True)):
+                if len(values) == 2 and not values[0] < values[1]:
+                    raise ConfigError(f"--{flag.lstrip('-')} {_show(values)}: the range must "
+                                      f"be low,high with low < high")
+                if len(values) == 2 and log and values[0] <= 0:
+                    raise ConfigError(f"{flag} {_show(values)}: {self.search} search draws it "
+                                      f"log-uniformly, so the range must lie above 0 (e.g. "
+                                      f"{RANGE_L2[0]:g},{RANGE_L2[1]:g})")
+            if not (isinstance(self.samples, int) and self.samples >= 1):
+                raise ConfigError(f"--samples {self.samples!r} must be an integer >= 1")
+        if not (isinstance(self.chunk, int) and self.chunk >= 0):
+            raise ConfigError(f"--chunk {self.chunk!r} must be an integer >= 0 (0: automatic)")
+        if not (isinstance(self.search_seed, int) and self.search_seed >= 0):
+            raise ConfigError(f"--search-seed {self.search_seed!r} must be an integer >= 0")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
+                not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"--seeds {self.seeds} must be distinct integers >= 0")
+        if self.search == "tpe":
+            try:
+                import optuna  # noqa: F401
+            except ImportError as e:
+                raise ConfigError("--search tpe needs Optuna: pip install 'mnist_jax[optuna]'"
+                                  ) from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
+        train = dict(d["train"])
+        train["hidden"] = tuple(train["hidden"])
+        tuples = ("l2", "dropout", "learning_rate", "l2_layers", "dropout_layers", "seeds")
+        return cls(**{**d, **{k: tuple(d[k]) for k in tuples}, "train": TrainConfig(**train)})
+
+
+def _show(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+# --- the configurations ------------------------------------------------------------------------
+
+def point(config: SweepConfig, l2: float, dropout: float, learning_rate: float,
+          name: str | None = None) -> Variant:
+    """One configuration on the sweep's layers, named by its values unless `name` is given."""
+    name = name or f"l2={l2:.3g} dropout={dropout:.3g} lr={learning_rate:.3g}"
+    return Variant(name, l2=float(l2), l2_layers=config.l2_layers, dropout=float(dropout),
+                   dropout_layers=config.dropout_layers, learning_rate=float(learning_rate))
+
+
+def effective(variant: Variant, config: SweepConfig) -> tuple:
+    """What a configuration trains as: per-layer L2 and dropout vectors and its learning rate
+    (a point with L2 0 on both kernels is the baseline, whatever layers it names)."""
+    hidden = config.train.hidden
+    return (tuple(variant.l2_vector(hidden).tolist()),
+            tuple(variant.dropout_vector(hidden).tolist()),
+            variant.learning_rate_or(config.train.learning_rate))
+
+
+def originals(config: SweepConfig) -> list[Variant]:
+    """The study's four variants at its learning rate, or none."""
+    if not config.originals:
+        return []
+    return [dataclasses.replace(v, learning_rate=ORIGINAL_LR) for v in VARIANTS.values()]
+
+
+def grid(config: SweepConfig) -> list[Variant]:
+    """Every combination of the values, each learning rate's block in L2-major order."""
+    return [point(config, l2, dropout, lr) for lr in config.learning_rate
+            for l2 in config.l2 for dropout in config.dropout]
+
+
+def random_points(config: SweepConfig) -> list[Variant]:
+    """`samples` points drawn with jax.random from `search_seed`: log-uniform L2 and learning
+    rate, uniform dropout, each between its range's ends (or fixed)."""
+    u = np.asarray(jax.random.uniform(jax.random.key(config.search_seed), (config.samples, 3)),
+                   np.float64)
+    out = []
+    for row in u:
+        values = [_draw(u, bounds, log) for u, bounds, log in zip(
+            row, (config.l2, config.dropout, config.learning_rate), (True, False, True),
+            strict=True)]
+        out.append(point(config, *values))
+    return _unique_names(out)
+
+
+def _draw(u: float, bounds: Sequence[float], log: bool) -> float:
+    if len(bounds) == 1:
+        return float(bounds[0])
+    low, high = bounds
+    if log:
+        return float(math.exp(math.log(low) + u * (math.log(high) - math.log(low))))
+    return float(low + u * (high - low))
+
+
+def _unique_names(points: list[Variant]) -> list[Variant]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in points:
+        n = seen[p.name] = seen.get(p.name, 0) + 1
+        out.append(p if n == 1 else dataclasses.replace(p, name=f"{p.name} #{n}"))
+    return out
+
+
+def with_originals(points: list[Variant], config: SweepConfig) -> list[Variant]:
+    """The original variants first, then the points that train as none of them; a point that
+    trains as an original takes the original's name."""
+    first = originals(config)
+    known = {effective(v, config) for v in first}
+    return first + [p for p in points if effective(p, config) not in known]
+
+
+def auto_chunk(config: SweepConfig, n_points: int) -> int:
+    """Configurations per compiled program: as many as take half the device's free memory
+    (a model's parameters, Adam's two moments and a copy of each, its activations for a
+    batch and an evaluation chunk), at most 1024 models, a multiple of --model-parallel."""
+    train = config.train
+    widths = (784, *train.hidden, 10)
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    per_model = 4 * (6 * params + 3 * train.batch_size * sum(widths)
+                     + 2 * train.eval_batch_size * sum(widths[1:]))
+    stats_ = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats_:
+        free = stats_["bytes_limit"] - stats_.get("bytes_in_use", 0)
+    else:  # CPU: the host's available memory
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    models = min(MAX_MODELS_PER_CHUNK, max(1, int(free * 0.5 // per_model)))
+    configs = max(1, models // len(config.seeds))
+    if config.search == "tpe":
+        configs = min(configs, TPE_BATCH)
+    mp = train.model_parallel
+    return max(mp, min(configs, n_points) // mp * mp)
+
+
+def _padded(points: list[Variant], multiple: int) -> list[Variant]:
+    """Points made a multiple of `multiple` with copies of the last, named _pad*: the models
+    axis is split evenly over devices; their results are dropped."""
+    extra = -len(points) % multiple
+    return points + [dataclasses.replace(points[-1], name=f"_pad{i}") for i in range(extra)]
+
+
+# --- results of one chunk ----------------------------------------------------------------------
+
+def chunk_results(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
+    """Each real configuration's runs (seed, history, test metrics) and divergences."""
+    test = fit.evaluate_models(stack, splits.test_images, splits.test_labels)
+    out = {}
+    for v, variant in enumerate(stack.variants):
+        if variant.name.startswith("_pad"):
+            continue
+        out[variant.name] = {
+            "variant": dataclasses.asdict(variant),
+            "runs": [{"seed": seed, "history": _finite(stack.histories[variant.name][s]),
+                      "test": {k: _num(test[k][s, v]) for k in test}}
+                     for s, seed in enumerate(stack.seeds)],
+            "diverged": [d for d in stack.diverged if d["variant"] == variant.name],
+        }
+    return out
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _finite(history: Mapping[str, list[float]]) -> dict[str, list[float | None]]:
+    """A history with non-finite values (a diverged model's) as None: JSON has no NaN."""
+    return {k: [_num(x) for x in v] for k, v in history.items()}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def save_chunk(path: Path, index: int, points: list[Variant], results: dict[str, Any]) -> None:
+    """A finished chunk's results, with the SHA-256 of its content (checked when read)."""
+    body = {"index": index, "points": [p.name for p in points], "results": results}
+    files.write_json(path, {**body, "sha256": _digest(body)})
+
+
+def load_chunk(path: Path, points: list[Variant],
+               warn: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """A finished chunk's results if its file is intact and holds these points, else None
+    (a damaged file is set aside as .damaged with a warning; the chunk is trained again)."""
+    if not path.exists():
+        return None
+    problem = None
+    try:
+        record = json.loads(path.read_text())
+        body = {k: record[k] for k in ("index", "points", "results")}
+        if record.get("sha256") != _digest(body):
+            problem = "it does not match its SHA-256 digest"
+        elif body["points"] != [p.name for p in points]:
+            problem = "it holds other configurations than the sweep asks for"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"it is unreadable ({type(e).__name__})"
+    if problem:
+        kept = path.with_name(path.name + ".damaged")
+        path.rename(kept)
+        warn(f"warning: {path} is damaged ({problem}); set aside as {kept.name}, training "
+             "that chunk again")
+        return None
+    return body["results"]
+
+
+# --- Optuna's TPE, batched ---------------------------------------------------------------------
+
+class TPE:
+    """Optuna's TPE sampler through ask and tell, a batch at a time: the batch's trials are
+    asked together (constant liar keeps them apart), trained as one stack, then told their
+    mean validation accuracy. Replaying the recorded batches (resume) asks the same points."""
+
+    def __init__(self, config: SweepConfig):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.config = config
+        sampler = optuna.samplers.TPESampler(seed=config.search_seed, constant_liar=True)
+        self.study = optuna.create_study(direction="maximize", sampler=sampler)
+        self.distributions = {}
+        for name, bounds, log in (("l2", config.l2, True), ("dropout", config.dropout, False),
+                                  ("learning_rate", config.learning_rate, True)):
+            if len(bounds) == 2:
+                self.distributions[name] = optuna.distributions.FloatDistribution(
+                    bounds[0], bounds[1], log=log)
+        self.pending: list = []
+
+    def ask(self, n: int) -> list[Variant]:
+        self.pending = [self.study.ask(self.distributions) for _ in range(n)]
+        fixed = {"l2": self.config.l2[0], "dropout": self.config.dropout[0],
+                 "learning_rate": self.config.learning_rate[0]}
+        return [point(self.config, **{**fixed, **t.params}) for t in self.pending]
+
+    def tell(self, points: list[Variant], results: Mapping[str, Any]) -> None:
+        from optuna.trial import TrialState
+
+        for trial, p in zip(self.pending, points, strict=True):
+            value = _objective(results[p.name])
+            if value is None:
+                self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                self.study.tell(trial, value)
+        self.pending = []
+
+
+def _objective(result: Mapping[str, Any]) -> float | None:
+    """Mean over seeds of the final validation accuracy; None if a seed diverged."""
+    if result["diverged"]:
+        return None
+    finals = [r["history"].get("val_accuracy", r["history"]["accuracy"])[-1]
+              for r in result["runs"]]
+    return None if any(x is None for x in finals) else float(np.mean(finals))
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: bool = False,
+              progress: bool = True, echo: Callable[[str], None] = print,
+              interrupt: Sequence[int] = (), resume_with: str = "",
+              on_chunk_start: Callable[[int, Any], None] | None = None,
+              ) -> dict[str, Any]:
+    """Trains every configuration x seed, a chunk at a time, into `out`; returns the
+    configurations' results (name -> variant, runs, diverged), in sweep order.
+
+    Each chunk checkpoints every epoch under checkpoints/chunk_NNNN and, once finished,
+    writes its results to chunks/NNNN.json (and drops its checkpoints). With `resume`,
+    finished chunks are read back and the chunk in flight continues from its newest intact
+    checkpoint: the results equal an uninterrupted sweep's bit for bit. A non-empty
+    `interrupt` (a signal number, appended by a handler) stops after the epoch in flight,
+    checkpointed, raising Interrupted with `resume_with` in its message.
+    """
+    from mnist_jax import checkpoint
+
+    config.validate(len(splits.train_images) + len(splits.val_images))
+    fixed = None if config.search == "tpe" else with_originals(
+        grid(config) if config.search == "grid" else random_points(config), config)
+    tpe = TPE(config) if config.search == "tpe" else None
+    total = len(fixed) if fixed is not None else config.samples + len(originals(config))
+    size = config.chunk or auto_chunk(config, total)
+    if config.chunk and config.chunk % config.train.model_parallel:
+        raise ConfigError(f"--chunk {config.chunk} must be a multiple of --model-parallel "
+                          f"{config.train.model_parallel}")
+    (out / CHUNKS).mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    index, drawn = 0, 0
+    n_chunks = math.ceil(total / size) if fixed is not None else None
+    while True:
+        if fixed is not None:
+            points = fixed[index * size:(index + 1) * size]
+        elif index == 0 and originals(config):  # TPE: the originals first, as one chunk
+            points, asked = originals(config), False
+        else:  # then batches asked of the sampler
+            want = min(size, config.samples - drawn)
+            points, asked = (tpe.ask(want), True) if want > 0 else ([], False)
+            drawn += len(points)
+        if not points:
+            break
+        path = out / CHUNKS / f"{index:04d}.json"
+        done = load_chunk(path, points, echo) if resume else None
+        what = f"chunk {index + 1}" + (f" of {n_chunks}" if n_chunks else "")
+        if done is None:
+            if on_chunk_start is not None:
+                on_chunk_start(index, points)
+            echo(f"{what}: {len(points)} configuration(s) x {len(config.seeds)} seed(s)")
+            directory = out / "checkpoints" / f"chunk_{index:04d}"
+            done = _train_chunk(config, points, splits, directory, resume=resume,
+                                progress=progress, echo=echo, interrupt=interrupt,
+                                resume_with=resume_with, checkpoint=checkpoint, what=what)
+            save_chunk(path, index, points, done)
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            echo(f"{what}: finished before, read from {path}")
+        if tpe is not None and asked:
+            tpe.tell(points, done)
+        results.update(done)
+        index += 1
+        if fixed is not None and index * size >= len(fixed):
+            break
+        if interrupt:
+            name = signal.Signals(interrupt[0]).name
+            raise Interrupted(f"{name}: stopped after {what}, its results saved; resume "
+                              f"with: {resume_with}", signum=interrupt[0])
+    return results
+
+
+def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
+                 directory: Path, *, resume: bool, progress: bool,
+                 echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
+                 checkpoint, what: str) -> dict[str, Any]:
+    padded = _padded(points, config.train.model_parallel)
+    stack = fit.new_stack(padded, config.seeds, config.train,
+                          len(splits.train_images) + len(splits.val_images))
+    mgr = checkpoint.manager(directory)
+    try:
+        if resume and checkpoint.restore(mgr, stack) is not None:
+            echo(f"{what}: resuming after epoch {stack.epochs_done} of {config.train.epochs}")
+
+        def on_epoch_end(s: fit.Stack) -> None:
+            checkpoint.save(mgr, s)
+            if interrupt and s.epochs_done < config.train.epochs:
+                name = signal.Signals(interrupt[0]).name
+                raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
+                                  f"{config.train.epochs} of {what}, checkpoint saved; resume "
+                                  f"with: {resume_with}", signum=interrupt[0])
+
+        t0 = time.perf_counter()
+        fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end,
+                halt_on_divergence=False)
+        for d in stack.diverged:
+            echo(f"{d['variant']} (seed {d['seed']}) diverged at epoch {d['epoch']}, step "
+                 f"{d['step']}; it is excluded from the choice")
+        results = chunk_results(stack, splits)
+        seconds = time.perf_counter() - t0
+    finally:
+        mgr.close()
+    for r in results.values():
+        r["compile_seconds"] = stack.compile_seconds
+        r["train_seconds"] = stack.train_seconds
+        r["chunk_seconds"] = seconds
+    return results
+
+
+# --- the choice and its statistics ---------------------------------------------------------------
+
+def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Per configuration: final-epoch statistics over seeds (validation, test, training)."""
+    out = {}
+    for name, r in results.items():
+        runs = r["runs"]
+        finals = {key: [h[key][-1] for h in (run["history"] for run in runs)]
+                  for key in runs[0]["history"]}
+        s = {key: stats.summarize(v) for key, v in finals.items() if None not in v}
+        for key in ("accuracy", "loss"):
+            values = [run["test"][key] for run in runs]
+            if None not in values:
+                s[f"test_{key}"] = stats.summarize(values)
+        out[name] = s
+    return out
+
+
+def select(results: Mapping[str, Any], statistics: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration with the best mean validation accuracy over seeds (final epoch);
+    without a validation set, the best mean training accuracy. Diverged configurations are
+    not candidates. The test set is never used to choose."""
+    on = "val_accuracy" if any("val_accuracy" in s for s in statistics.values()) else "accuracy"
+    values = {name: statistics[name][on]["mean"] for name, r in results.items()
+              if not r["diverged"] and on in statistics[name]}
+    if not values:
+        raise ConfigError("every configuration diverged: lower the learning rates (--lr)")
+    best = max(values, key=values.get)
+    ranked = sorted(values, key=values.get, reverse=True)
+    return {"configuration": best, "on": on, "how": f"highest mean final-epoch {on} over "
+            f"{len(next(iter(results.values()))['runs'])} seed(s); the test set is not used",
+            "value": values[best], "ranking": ranked,
+            "excluded_diverged": [n for n, r in results.items() if r["diverged"]]}
+
+
+def compare_with_originals(results: Mapping[str, Any], chosen: str) -> list[dict[str, Any]]:
+    """Paired test-accuracy differences, chosen minus each original variant present (same
+    seeds: same initial weights, batch order and dropout noise), with 95% t-intervals."""
+    out = []
+    for name in VARIANTS:
+        if name not in results or name == chosen:
+            continue
+        a = [r["test"]["accuracy"] for r in results[chosen]["runs"]]
+        b = [r["test"]["accuracy"] for r in results[name]["runs"]]
+        out.append({"a": chosen, "b": name, "metric": "test_accuracy",
+                    **stats.paired_difference(a, b)})
+    return out
+
+
+# --- the job: a run directory, results, figures, report ------------------------------------------
+
+def assemble(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, Any]:
+    """What metrics.json holds of a sweep: every configuration's runs and statistics, the
+    choice and why, the paired comparisons with the original variants."""
+    statistics = summarize(results)
+    selection = select(results, statistics)
+    configurations = {name: {**r, "stats": statistics[name], "original": name in VARIANTS}
+                      for name, r in results.items()}
+    return {"kind": "sweep", "config": config.to_dict(), "configurations": configurations,
+            "selection": selection,
+            "comparisons": compare_with_originals(results, selection["configuration"])}
+
+
+def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
+    r = metrics["configurations"][name]
+    on = metrics["selection"]["on"]
+    return float("nan") if r["diverged"] or on not in r["stats"] else r["stats"][on]["mean"]
+
+
+def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[str, str]:
+    """Heatmaps (a grid: one per learning rate) or a scatter of the points, and the curves of
+    the best five beside the original variants; returns their paths relative to `out`."""
+    from mnist_jax import plots
+    from mnist_jax.experiment import save_figures
+
+    confs = metrics["configurations"]
+    chosen = metrics["selection"]["configuration"]
+    n_seeds = len(config.seeds)
+    by_effect = {effective(Variant(**{**c["variant"], "l2_layers": tuple(
+        c["variant"]["l2_layers"]), "dropout_layers": tuple(c["variant"]["dropout_layers"])}),
+        config): name for name, c in confs.items()}
+    made = {}
+    if config.search == "grid":
+        for k, lr in enumerate(config.learning_rate):
+            cells = [[by_effect.get(effective(point(config, l2, d, lr), config))
+                      for d in config.dropout] for l2 in config.l2]
+            values = np.array([[_mean_val(metrics, n) if n else np.nan for n in row]
+                               for row in cells])
+            where = {n: (i, j) for i, row in enumerate(cells) for j, n in enumerate(row) if n}
+            marks = {n: ij for n, ij in where.items() if n in VARIANTS}
+            off = [n for n in VARIANTS if n in confs and n not in marks
+                   and confs[n]["variant"]["learning_rate"] == lr]
+            note = "\noff the grid: " + ", ".join(
+                f"{n} {_mean_val(metrics, n):.2%}" for n in off) if off else ""
+            made[f"sweep_heatmap_{k}"] = plots.sweep_heatmap(
+                config.l2, config.dropout, values, n_seeds=n_seeds, chosen=where.get(chosen),
+                marks=marks, title=f"learning rate {lr:g}{note}")
+    else:
+        names = [n for n in confs if n not in VARIANTS]
+        v = [confs[n]["variant"] for n in names]
+        chosen_index = names.index(chosen) if chosen in names else 0
+        made["sweep_points"] = plots.sweep_scatter(
+            [x["l2"] for x in v], [x["dropout"] for x in v], [x["learning_rate"] for x in v],
+            [_mean_val(metrics, n) for n in names], n_seeds=n_seeds, chosen=chosen_index,
+            title=f"{config.search} search: {len(names)} points"
+                  + ("" if chosen in names else f" (chosen: {chosen}, an original)"))
+    best = metrics["selection"]["ranking"][:5]
+    shown = best + [n for n in VARIANTS if n in confs and n not in best]
+    on = metrics["selection"]["on"]
+    made["sweep_curves"] = plots.top_curves(
+        {n: np.mean([[np.nan if x is None else x for x in r["history"][on]]
+                     for r in confs[n]["runs"]], axis=0) for n in shown},
+        n_seeds=n_seeds, references=[n for n in VARIANTS if n not in best])
+    return save_figures(made, out)
+
+
+def table_csv(metrics: Mapping[str, Any]) -> str:
+    """One row per configuration: its values, n, mean and sd of validation and test
+    accuracy, and whether it diverged."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate", "n",
+                "val_accuracy_mean", "val_accuracy_sd", "test_accuracy_mean",
+                "test_accuracy_sd", "diverged", "chosen"])
+    on = metrics["selection"]["on"]
+    for name, c in metrics["configurations"].items():
+        v, s = c["variant"], c["stats"]
+        val, test = s.get(on, {}), s.get("test_accuracy", {})
+        w.writerow([name, v["l2"], "+".join(v["l2_layers"]), v["dropout"],
+                    "+".join(v["dropout_layers"]), v["learning_rate"], len(c["runs"]),
+                    val.get("mean", ""), val.get("std") or "", test.get("mean", ""),
+                    test.get("std") or "", bool(c["diverged"]),
+                    name == metrics["selection"]["configuration"]])
+    return buf.getvalue()
+
+
+def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
+                     data_dir: str | Path | None = None, resume: bool = False,
+                     overwrite: bool = False, progress: bool = True,
+                     echo: Callable[[str], None] = print, tensorboard: bool = False,
+                     ) -> dict[str, Any]:
+    """The sweep job: validate, hold `out_dir`, train every chunk (checkpointed, resumable,
+    Ctrl-C and SIGTERM finish the epoch), then write metrics.json, sweep.csv, report.md,
+    figures/ and, with `tensorboard`, event files. Returns what metrics.json holds."""
+    import contextlib
+    import datetime
+
+    from mnist_jax import experiment, files, report, runtime
+    from mnist_jax import tensorboard as tb
+    from mnist_jax.data import check_data_dir, load_mnist
+
+    config.validate()
+    if tensorboard:
+        tb.available()
+    check_data_dir(data_dir)
+    out = Path(out_dir)
+    primary = jax.process_index() == 0
+    resume_with = f"mnist-jax sweep --resume {out}"
+    with contextlib.ExitStack() as held:
+        if primary:
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file; choose a directory")
+            if resume:
+                experiment.load_run_config(out, SweepConfig)
+            held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
+            experiment.prepare_run_dir(out, config, resume=resume, overwrite=overwrite,
+                                       command="sweep")
+        record = json.loads((out / experiment.RUN_FILE).read_text())
+        if resume and record.get("status") == "complete" and (out / "metrics.json").is_file():
+            echo(f"the sweep in {out} is complete: nothing to resume")
+            return json.loads((out / "metrics.json").read_text())
+        t_start = time.perf_counter()
+        mnist = load_mnist(data_dir)
+        echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
+        splits = fit.prepare(mnist, config.train.validation_split)
+        def saved() -> tuple[dict[str, Any], str]:
+            done = len(list((out / CHUNKS).glob("*.json")))
+            return {"chunks_done": done}, f"{done} chunk(s) finished and saved"
+
+        with experiment.deferred_interrupt(echo) as interrupt:
+            with experiment.recording_outcome(out, primary, resume_with,
+                                              lambda: saved()[0], saved):
+                results = run_sweep(config, splits, out, resume=resume, progress=progress,
+                                    echo=echo, interrupt=interrupt, resume_with=resume_with)
+                metrics = assemble(config, results)
+                metrics.update(
+                    created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    environment=runtime.environment(),
+                    data={"source": mnist.source, "sha256": dict(mnist.sha256),
+                          "train": len(splits.train_images),
+                          "validation": len(splits.val_images),
+                          "test": len(splits.test_images)},
+                    timing={"wall_seconds": time.perf_counter() - t_start,
+                            "models": len(results) * len(config.seeds),
+                            "schedule": fit.schedule(config.train)})
+                if primary:
+                    metrics["figures"] = figures(config, metrics, out)
+                    files.write_text(out / "sweep.csv", table_csv(metrics))
+                    if tensorboard:
+                        tb.write(out / tb.DIRECTORY,
+                                 {n: c["runs"] for n, c in metrics["configurations"].items()},
+                                 hparams={n: _hparams(c["variant"])
+                                          for n, c in metrics["configurations"].items()})
+                    metrics["timing"]["wall_seconds"] = time.perf_counter() - t_start
+                    report.write_sweep(out, metrics)
+            if primary:
+                experiment.set_status(out, "complete", chunks_done=saved()[0]["chunks_done"])
+    return metrics
+
+
+def _hparams(variant: Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration's values for the HParams dashboard (numbers and strings only)."""
+    return {"l2": variant["l2"], "l2_layers": "+".join(variant["l2_layers"]) or "none",
+            "dropout": variant["dropout"],
+            "dropout_layers": "+".join(variant["dropout_layers"]) or "none",
+            "learning_rate": variant["learning_rate"]}

@@ -1,0 +1,266 @@
+"""Sweeps: the points of each search, the choice on validation only, the paired comparisons,
+models split over devices, divergence of one model among many, resume, the files, TensorBoard."""
+
+import dataclasses
+import json
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from mnist_jax import fit, parallel, sweep
+from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.stats import t_quantile_975
+
+from test_cli import run_main
+
+ON_GRID = ("baseline", "dropout", "l2_dropout")  # the original variants the default grid holds
+
+
+@pytest.fixture(scope="module")
+def small(splits):
+    """3000 training, 1000 validation and 1000 test images: a sweep in seconds."""
+    return fit.Splits(splits.train_images[:3000], splits.train_labels[:3000],
+                      splits.val_images[:1000], splits.val_labels[:1000],
+                      splits.test_images[:1000], splits.test_labels[:1000])
+
+
+def test_the_default_grid_holds_the_original_variants_once():
+    config = sweep.SweepConfig()
+    points = sweep.with_originals(sweep.grid(config), config)
+    # 4 L2 x 3 dropout = 12 grid points; baseline (0, 0), dropout (0, 0.45) and l2_dropout
+    # (1e-3 on both kernels, 0.45) are three of them; l2 (1e-3 on hidden_1 only) is not.
+    assert len(points) == 4 + 12 - 3
+    names = [p.name for p in points]
+    assert names[:4] == list(VARIANTS) and len(set(names)) == len(names)
+    assert "l2=0.001 dropout=0 lr=0.001" in names  # both kernels: not the original l2
+    assert "l2=0 dropout=0.45 lr=0.001" not in names  # that one is `dropout`
+    assert all(p.learning_rate == 1e-3 for p in points)
+    config = dataclasses.replace(config, learning_rate=(1e-3, 3e-3), originals=False)
+    assert len(sweep.with_originals(sweep.grid(config), config)) == 24
+
+
+def test_random_points_are_drawn_from_the_search_seed_within_the_ranges():
+    config = sweep.SweepConfig(search="random", l2=(1e-6, 1e-2), dropout=(0.1, 0.5),
+                               learning_rate=(1e-4, 1e-2), samples=2000, search_seed=3)
+    points = sweep.random_points(config)
+    again = sweep.random_points(config)
+    other = sweep.random_points(dataclasses.replace(config, search_seed=4))
+    assert [p.name for p in points] == [p.name for p in again]
+    assert [p.l2 for p in points] != [p.l2 for p in other]
+    l2 = np.array([p.l2 for p in points])
+    drop = np.array([p.dropout for p in points])
+    lr = np.array([p.learning_rate for p in points])
+    assert l2.min() >= 1e-6 and l2.max() <= 1e-2 and drop.min() >= 0.1 and drop.max() <= 0.5
+    # Log-uniform: each decade of L2 (4 of them) gets a quarter of the points; uniform
+    # dropout: each tenth of its range a tenth. A linear L2 draw would put 90% in the top one.
+    decades = np.histogram(np.log10(l2), bins=4, range=(-6, -2))[0] / len(l2)
+    assert np.all(np.abs(decades - 0.25) < 0.04), decades
+    tenths = np.histogram(drop, bins=10, range=(0.1, 0.5))[0] / len(drop)
+    assert np.all(np.abs(tenths - 0.1) < 0.03), tenths
+    assert abs(np.mean(np.log10(lr)) - (-3)) < 0.05
+    fixed = sweep.random_points(dataclasses.replace(config, learning_rate=(2e-3,), samples=5))
+    assert {p.learning_rate for p in fixed} == {2e-3}
+
+
+def _result(val: list[float], test: list[float], diverged=()):
+    return {"runs": [{"seed": s, "history": {"accuracy": [0.9], "val_accuracy": [v]},
+                      "test": {"accuracy": t, "loss": 0.1}}
+                     for s, (v, t) in enumerate(zip(val, test, strict=True))],
+            "diverged": list(diverged)}
+
+
+def test_the_choice_is_made_on_validation_never_on_test():
+    results = {"baseline": _result([0.970, 0.972], [0.980, 0.982]),
+               "a": _result([0.975, 0.977], [0.970, 0.971]),  # best validation, worse test
+               "b": _result([0.990, 0.991], [0.999, 0.999], diverged=[{"seed": 1}])}
+    statistics = sweep.summarize(results)
+    chosen = sweep.select(results, statistics)
+    assert chosen["configuration"] == "a" and chosen["on"] == "val_accuracy"
+    assert chosen["value"] == pytest.approx(0.976)
+    assert chosen["excluded_diverged"] == ["b"] and chosen["ranking"] == ["a", "baseline"]
+
+
+def test_the_comparisons_are_paired_over_seeds():
+    a = [0.981, 0.979, 0.983, 0.983]
+    base = [0.978, 0.977, 0.979, 0.980]
+    drop = [0.982, 0.976, 0.985, 0.975]
+    results = {"x": _result(a, a), "baseline": _result(base, base), "dropout": _result(drop, drop)}
+    out = {c["b"]: c for c in sweep.compare_with_originals(results, "x")}
+    assert set(out) == {"baseline", "dropout"}
+    d = np.array(a) - np.array(base)  # by hand: 0.003, 0.002, 0.004, 0.003
+    half = 3.1824 * d.std(ddof=1) / 2  # t_0.975(3) = 3.1824, sqrt(4) = 2
+    assert t_quantile_975(3) == 3.1824
+    assert out["baseline"]["mean"] == pytest.approx(0.003)
+    assert out["baseline"]["ci95_low"] == pytest.approx(0.003 - half)
+    assert out["baseline"]["significant"] is True
+    # Dropout's differences (-0.001 .. +0.008) are noise: no difference is shown.
+    assert out["dropout"]["significant"] is False
+
+
+def test_models_split_over_four_devices_train_as_on_one(small):
+    """The variants axis sharded over the 4 test devices: every model's weights bit for bit
+    as unsharded, its history to float rounding, and the compiled epoch has no collectives
+    (each device trains its share)."""
+    assert jax.device_count() == 4
+    config = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0, 0.2, 0.45, 0.3),
+                               learning_rate=(1e-3, 2e-3), originals=False)
+    points = sweep.grid(config)  # 16
+    runs = {}
+    for mp in (1, 4):
+        train = TrainConfig(epochs=2, schedule="stack", model_parallel=mp)
+        stack = fit.new_stack(points, (0, 1), train, 4000)
+        fit.fit(stack, small, progress=False, halt_on_divergence=False)
+        runs[mp] = stack
+    assert runs[4].state.params["hidden_1"]["kernel"].sharding.spec[1] == parallel.MODELS_AXIS
+    # The weights bit for bit; the epoch's mean training loss, a sum XLA vectorises over
+    # the models a device holds, may differ in its last bit (measured: 1 ulp, one model).
+    for a, b in zip(jax.tree.leaves(parallel.to_host(runs[4].state)),
+                    jax.tree.leaves(runs[1].state), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for p in points:
+        for key, values in runs[1].histories[p.name][1].items():
+            assert runs[4].histories[p.name][1][key] == pytest.approx(values, rel=1e-6, abs=0)
+    assert runs[1].histories[points[0].name] != runs[1].histories[points[-1].name]
+
+    stack = runs[4]
+    mesh = parallel.models_mesh(4)
+    epoch = fit.compile_epoch(
+        fit.place_state(stack.state, stack.config), parallel.put(stack.keys, mesh),
+        fit.epoch_data(small, mesh), jax.numpy.asarray(0, jax.numpy.int32), model=stack.model,
+        tx=fit.tx_for(stack.config), batch_size=128, eval_batch_size=2000,
+        batch_sharding=None, loss_form="logits", halt_on_divergence=False,
+        models_sharding=parallel.models_sharding(mesh))
+    collectives = re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|"
+                             r"reduce-scatter", epoch.as_text())
+    assert not collectives
+
+
+def test_a_diverging_model_stops_alone_and_keeps_its_last_good_state(small):
+    base = VARIANTS["baseline"]
+    points = [base, dataclasses.replace(base, name="hot", learning_rate=1e4)]
+    train = TrainConfig(epochs=2, schedule="stack")
+    stack = fit.new_stack(points, (0,), train, 4000)
+    fit.fit(stack, small, progress=False, halt_on_divergence=False)
+    alone = fit.new_stack([base], (0,), dataclasses.replace(train, schedule="sequential"), 4000)
+    fit.fit(alone, small, progress=False)
+    assert [d["variant"] for d in stack.diverged] == ["hot"]
+    assert stack.diverged[0]["epoch"] == 1 and stack.diverged[0]["step"] >= 1
+    assert stack.histories["baseline"][0]["val_accuracy"] == pytest.approx(
+        alone.histories["baseline"][0]["val_accuracy"], abs=1e-6)
+    for leaf in jax.tree.leaves(stack.state.params):  # checkpointable: finite
+        assert np.isfinite(np.asarray(leaf)).all()
+    with pytest.raises(Exception, match="diverged"):  # the study's default: stop
+        fit.fit(fit.new_stack(points, (0,), train, 4000), small, progress=False)
+
+
+def test_tpe_asks_a_batch_and_replays_the_same_points():
+    pytest.importorskip("optuna")
+    config = sweep.SweepConfig(search="tpe", l2=(1e-6, 1e-2), dropout=(0.0, 0.6), samples=8)
+    told = []
+    first = sweep.TPE(config)
+    for batch in range(3):
+        points = first.ask(4)
+        assert len({p.name for p in points}) == 4
+        assert all(1e-6 <= p.l2 <= 1e-2 and 0 <= p.dropout <= 0.6 for p in points)
+        results = {p.name: _result([0.9 + p.dropout / 10], [0.9]) for p in points}
+        first.tell(points, results)
+        told.append((points, results))
+    replay = sweep.TPE(config)
+    for points, results in told:
+        assert [p.name for p in replay.ask(4)] == [p.name for p in points]
+        replay.tell(points, results)
+    assert [p.name for p in replay.ask(2)] == [p.name for p in first.ask(2)]
+    assert len(first.study.trials) == 14
+
+
+@pytest.fixture(scope="module")
+def swept(mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    config = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0, 0.45), seeds=(0, 1), chunk=3,
+                               train=TrainConfig(epochs=1))
+    metrics = sweep.sweep_and_report(config, out, data_dir=mnist.cache_dir, progress=False,
+                                     echo=lambda _: None, tensorboard=True)
+    return out, config, metrics
+
+
+def test_a_sweep_writes_its_choice_statistics_and_figures(swept):
+    out, config, metrics = swept
+    saved = json.loads((out / "metrics.json").read_text())
+    confs = saved["configurations"]
+    # 4 originals + (0, 1e-4) x (0, 0.45) minus baseline and dropout = 6, in chunks of 3.
+    assert list(confs)[:4] == list(VARIANTS) and len(confs) == 6
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["0000.json", "0001.json"]
+    # The choice, recomputed from the histories: the best mean final validation accuracy.
+    means = {n: np.mean([r["history"]["val_accuracy"][-1] for r in c["runs"]])
+             for n, c in confs.items()}
+    assert saved["selection"]["configuration"] == max(means, key=means.get)
+    assert all(len(c["runs"]) == 2 and c["stats"]["test_accuracy"]["n"] == 2
+               for c in confs.values())
+    assert [c["b"] for c in saved["comparisons"]] == [
+        n for n in VARIANTS if n != saved["selection"]["configuration"]]
+    report = (out / "report.md").read_text()
+    assert f"**Chosen: `{saved['selection']['configuration']}`**" in report
+    assert "the test set was not used to choose" in report
+    assert "figures/sweep_heatmap_0.png" in report and (out / "figures/sweep_heatmap_0.png"
+                                                        ).stat().st_size > 10_000
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("name,l2,")
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert not list((out / "checkpoints").glob("chunk_*"))  # dropped once a chunk is saved
+
+
+def test_tensorboard_events_read_back_with_hparams(swept):
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out, _, metrics = swept
+    name = "l2=0.0001 dropout=0.45 lr=0.001"
+    run = metrics["configurations"][name]["runs"][1]
+    acc = ea.EventAccumulator(str(out / "tensorboard" / "l2=0.0001,dropout=0.45,lr=0.001"
+                                  / "seed_1"), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("epoch/val_accuracy")]
+    assert got == [(1, pytest.approx(run["history"]["val_accuracy"][0], abs=1e-7))]
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["l2"].number_value == pytest.approx(1e-4)
+    assert start["dropout"].number_value == pytest.approx(0.45)
+    assert start["seed"].number_value == 1
+    assert start["l2_layers"].string_value == "hidden_1+hidden_2"
+    assert "hparams/val_accuracy" in acc.Tags()["scalars"]
+
+
+def test_a_damaged_chunk_file_is_set_aside_and_trained_again(swept, tmp_path, small):
+    out, _, _ = swept
+    config = sweep.SweepConfig(l2=(0.0,), dropout=(0.0,), originals=False,
+                               train=TrainConfig(epochs=1))
+    first = sweep.run_sweep(config, small, tmp_path, progress=False, echo=lambda _: None)
+    path = tmp_path / "chunks" / "0000.json"
+    record = json.loads(path.read_text())
+    record["results"]["l2=0 dropout=0 lr=0.001"]["runs"][0]["test"]["accuracy"] = 1.0
+    path.write_text(json.dumps(record))
+    said = []
+    again = sweep.run_sweep(config, small, tmp_path, resume=True, progress=False,
+                            echo=said.append)
+    assert any("does not match its SHA-256 digest" in s for s in said), said
+    assert (tmp_path / "chunks" / "0000.json.damaged").exists()
+    for name, result in first.items():  # trained again, bit for bit
+        assert again[name]["runs"] == result["runs"]
+
+
+def test_sweep_settings_are_checked_before_any_work(tmp_path, capsys):
+    done = run_main(capsys, "sweep", "--l2-layers", "hidden_3", "--out", tmp_path / "o",
+                    check=False)
+    assert done.returncode == 2 and "--l2-layers hidden_3: name one or more of" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_chunk_fits_memory_and_the_device_split():
+    config = sweep.SweepConfig(seeds=(0, 1, 2), train=TrainConfig(model_parallel=4))
+    size = sweep.auto_chunk(config, 1000)
+    assert size % 4 == 0 and 4 <= size <= math.ceil(sweep.MAX_MODELS_PER_CHUNK / 3)
+    assert sweep.auto_chunk(dataclasses.replace(config, search="tpe"), 1000) == 8
