@@ -376,6 +376,25 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
      "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
     ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
     ("eda", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("sweep", ("--search", "bayes"), "--search 'bayes' must be one of 'grid', 'random', 'tpe'"),
+    ("sweep", ("--l2", "0,x"), "--l2 '0,x' must be numbers separated by commas"),
+    ("sweep", ("--l2", "0,-1e-3"), "--l2 -0.001 must be a finite number >= 0"),
+    ("sweep", ("--l2", "0,0"), "--l2 0,0 lists a value twice"),
+    ("sweep", ("--dropout", "0,1"), "--dropout 1.0 must lie in [0, 1)"),
+    ("sweep", ("--lr", "0"), "--lr 0.0 must be a finite number > 0"),
+    ("sweep", ("--l2-layers", "hidden_3"), "--l2-layers hidden_3: name one or more of"),
+    ("sweep", ("--dropout-layers", "output"), "--dropout-layers output: name one or more of"),
+    ("sweep", ("--samples", "0", "--search", "random"), "--samples 0 must be an integer >= 1"),
+    ("sweep", ("--samples", "x"), "--samples 'x' must be an integer >= 1"),
+    ("sweep", ("--search-seed", "-1"), "--search-seed -1 must be an integer >= 0"),
+    ("sweep", ("--seeds", "2-1"), "--seeds '2-1': the range 2-1 is reversed"),
+    ("sweep", ("--chunk", "-1"), "--chunk -1 must be an integer >= 0 (0: automatic)"),
+    ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
+    ("sweep", ("--search", "random", "--l2", "0,1e-3"), "so the range must lie above 0"),
+    ("sweep", ("--search", "tpe", "--dropout", "0.5,0.1"), "the range must be low,high"),
+    ("sweep", ("--out", "{file}"), "is a file; choose a directory"),
+    ("sweep", ("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run"),
+    ("sweep", ("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not"),
     ("data", ("--source", "ftp"), "--source 'ftp' must be one of 'auto', 'cache'"),
     ("data", ("--verify", "half"), "--verify 'half' must be one of 'quick', 'full'"),
 ]
@@ -415,14 +434,17 @@ def test_every_flag_that_takes_a_value_has_a_bad_value_case():
     assert not missing, missing
 
 
-# Paths that may not exist yet (any value is valid), and `train`'s training flags, which are
-# `experiment`'s (one argument group, cli._training; the rows above cover them).
+# Paths that may not exist yet (any value is valid), and `train`'s and `sweep`'s training flags,
+# which are `experiment`'s (cli._training, cli._fit_flags; the rows above cover them).
 NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
                 ("train", "--out"), ("train", "--resume"), ("train", "--data-dir"),
                 ("train", "--epochs"), ("train", "--batch-size"), ("train", "--validation-split"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
                 ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
-                ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng")}
+                ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng"),
+                *(("sweep", flag) for flag in (
+                    "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
+                    "--eval-batch-size", "--schedule", "--dropout-rng"))}
 
 
 def test_a_bad_setting_exits_the_process_with_2_and_no_traceback(tmp_path):

@@ -150,6 +150,10 @@ def test_a_diverging_model_stops_alone_and_keeps_its_last_good_state(small):
     assert stack.diverged[0]["epoch"] == 1 and stack.diverged[0]["step"] >= 1
     assert stack.histories["baseline"][0]["val_accuracy"] == pytest.approx(
         alone.histories["baseline"][0]["val_accuracy"], abs=1e-6)
+    # Frozen at its first bad step: the optimizer took only the steps before it (in epoch 2,
+    # its first step is bad again); the other model took all 2 x 24.
+    steps = np.asarray(stack.state.step)
+    assert steps[0, 0] == 2 * 24 and steps[0, 1] == stack.diverged[0]["step"] - 1
     for leaf in jax.tree.leaves(stack.state.params):  # checkpointable: finite
         assert np.isfinite(np.asarray(leaf)).all()
     with pytest.raises(Exception, match="diverged"):  # the study's default: stop
@@ -161,7 +165,7 @@ def test_tpe_asks_a_batch_and_replays_the_same_points():
     config = sweep.SweepConfig(search="tpe", l2=(1e-6, 1e-2), dropout=(0.0, 0.6), samples=8)
     told = []
     first = sweep.TPE(config)
-    for batch in range(3):
+    for _ in range(3):
         points = first.ask(4)
         assert len({p.name for p in points}) == 4
         assert all(1e-6 <= p.l2 <= 1e-2 and 0 <= p.dropout <= 0.6 for p in points)
@@ -264,3 +268,111 @@ def test_auto_chunk_fits_memory_and_the_device_split():
     size = sweep.auto_chunk(config, 1000)
     assert size % 4 == 0 and 4 <= size <= math.ceil(sweep.MAX_MODELS_PER_CHUNK / 3)
     assert sweep.auto_chunk(dataclasses.replace(config, search="tpe"), 1000) == 8
+
+
+# --- long sweeps survive (slow: each a few CLI runs) ---------------------------------------------
+
+SWEEP = ("sweep", "--l2", "0,1e-4", "--dropout", "0,0.2", "--no-originals", "--chunk", 2,
+         "--epochs", 3, "--seeds", "0,1", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def sweep_env(tmp_path_factory):
+    return {"MNIST_JAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("xla-cache"))}
+
+
+@pytest.fixture(scope="module")
+def sweep_reference(mnist, tmp_path_factory, sweep_env):
+    from test_cli import run_cli
+
+    out = tmp_path_factory.mktemp("sweep-reference") / "run"
+    run_cli(*SWEEP, "--out", out, "--data-dir", mnist.cache_dir, **sweep_env)
+    return out
+
+
+def _start_sweep(out, mnist, env):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    return subprocess.Popen([sys.executable, "-m", "mnist_jax.cli", *map(str, SWEEP), "--out",
+                             str(out), "--data-dir", str(mnist.cache_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(**env))
+
+
+def _wait_for(path, process, timeout=180):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def _assert_same_sweep(out, reference):
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    assert list(got["configurations"]) == list(want["configurations"])
+    for name, c in want["configurations"].items():
+        assert got["configurations"][name]["runs"] == c["runs"], name  # floats exactly
+    assert got["selection"] == want["selection"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wait_for", ["checkpoints/chunk_0000/1", "checkpoints/chunk_0001/2"])
+def test_a_sweep_killed_with_sigkill_resumes_bitwise(mnist, tmp_path, sweep_env,
+                                                     sweep_reference, wait_for):
+    """Killed mid-chunk (in the first chunk, and in the second after the first was saved):
+    the resumed sweep ends bit for bit as one never interrupted."""
+    import signal
+
+    from test_cli import run_cli
+
+    out = tmp_path / "run"
+    process = _start_sweep(out, mnist, sweep_env)
+    _wait_for(out / wait_for, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    done = run_cli("sweep", "--resume", out, "--data-dir", mnist.cache_dir, **sweep_env)
+    if "chunk_0001" in wait_for:
+        assert "chunk 1 of 2: finished before" in done.stderr
+    assert "resuming after epoch" in done.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    _assert_same_sweep(out, sweep_reference)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_after_the_epoch_and_it_resumes(mnist, tmp_path, sweep_env,
+                                                              sweep_reference):
+    import signal
+
+    from test_cli import run_cli
+
+    out = tmp_path / "run"
+    process = _start_sweep(out, mnist, sweep_env)
+    _wait_for(out / "checkpoints/chunk_0000/1", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert f"resume with: mnist-jax sweep --resume {out}" in stderr and "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    run_cli("sweep", "--resume", out, "--data-dir", mnist.cache_dir, "--quiet", **sweep_env)
+    _assert_same_sweep(out, sweep_reference)
+
+
+def test_train_writes_tensorboard_scalars_per_epoch(mnist, tmp_path, capsys):
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    run_main(capsys, "train", "--variant", "dropout", "--epochs", 2, "--out", out,
+             "--data-dir", mnist.cache_dir, "--tensorboard", "--quiet", "--no-compilation-cache")
+    history = json.loads((out / "metrics.json").read_text())["variants"]["dropout"]["history"]
+    acc = ea.EventAccumulator(str(out / "tensorboard" / "dropout" / "seed_0"),
+                              size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    for key in ("loss", "val_accuracy"):
+        got = [(e.step, e.value) for e in acc.Scalars(f"epoch/{key}")]
+        assert got == [(i + 1, pytest.approx(v, abs=1e-7)) for i, v in enumerate(history[key])]

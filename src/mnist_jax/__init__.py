@@ -24,9 +24,11 @@ _EXPORTS = {
     "ExperimentConfig": "mnist_jax.experiment",
     "train_and_evaluate": "mnist_jax.experiment",
     "enable_compilation_cache": "mnist_jax.runtime",
+    "SweepConfig": "mnist_jax.sweep", "run_sweep": "mnist_jax.sweep",
+    "sweep_and_report": "mnist_jax.sweep",
 }
 _MODULES = ("data", "preprocessing", "config", "model", "steps", "fit", "plots", "report",
-            "experiment", "checkpoint", "parallel", "stats", "runtime")
+            "experiment", "checkpoint", "parallel", "stats", "runtime", "sweep", "tensorboard")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 
