@@ -200,6 +200,13 @@ class TrainConfig:
                               f"use --schedule sequential or stack")
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Seeds must be distinct integers >= 0, at least one."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(
+            not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"--seeds {seeds} must be distinct integers >= 0")
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """'0,1,2' or '0-4' -> (0, 1, 2) / (0, 1, 2, 3, 4); distinct integers >= 0."""
     seeds: list[int] = []

@@ -25,6 +25,7 @@ from mnist_jax.config import (
     TrainConfig,
     Variant,
     check_regularisation,
+    check_seeds,
     select_variants,
 )
 from mnist_jax.data import MNIST
@@ -63,9 +64,7 @@ class ExperimentConfig:
         check_regularisation(self.l2, self.dropout)
         self.resolve()
         self.train.validate(n_train)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
-                not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ConfigError(f"--seeds {self.seeds} must be distinct integers >= 0")
+        check_seeds(self.seeds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,6 +64,12 @@ def _pm(stats: Mapping[str, Any], fmt: str) -> str:
     return mean if stats.get("std") is None else f"{mean} ± {format(stats['std'], fmt)}"
 
 
+def _software(env: Mapping[str, Any]) -> str:
+    return (f"- Software: Python {env['python']}, jax {env['versions'].get('jax')}, flax "
+            f"{env['versions'].get('flax')}, optax {env['versions'].get('optax')}; "
+            f"backend {env['device']['platform']}.")
+
+
 def _layers(names) -> str:
     return ", ".join(names) if names else "–"
 
@@ -182,9 +188,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "shuffle every epoch.",
         f"- Loss: {LOSS_NAMES[train.get('loss', 'logits')]}, in training, validation and test "
         "alike.",
-        f"- Software: Python {env['python']}, jax {env['versions'].get('jax')}, flax "
-        f"{env['versions'].get('flax')}, optax {env['versions'].get('optax')}; "
-        f"backend {env['device']['platform']}.",
+        _software(env),
         "- Files: `metrics.json` (everything here and more), `history_*.csv` (one row per "
         "epoch), `figures/`.",
         "",
@@ -297,8 +301,7 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"{data['test']:,} test images.",
         f"- Training: {OPTIMIZER_NAMES[train['optimizer']]}; batch {train['batch_size']}; "
         f"{LOSS_NAMES[train['loss']]}.",
-        f"- Software: Python {env['python']}, jax {env['versions'].get('jax')}, flax "
-        f"{env['versions'].get('flax')}, optax {env['versions'].get('optax')}.",
+        _software(env),
         "- Files: `metrics.json` (every configuration's histories and statistics, the choice "
         "and why), `sweep.csv` (one row per configuration), `figures/`.",
         "",

@@ -27,7 +27,13 @@ import jax
 import numpy as np
 
 from mnist_jax import files, fit, stats
-from mnist_jax.config import VARIANTS, TrainConfig, Variant, check_regularisation
+from mnist_jax.config import (
+    VARIANTS,
+    TrainConfig,
+    Variant,
+    check_regularisation,
+    check_seeds,
+)
 from mnist_jax.errors import ConfigError, Interrupted
 from mnist_jax.model import dense_names
 
@@ -106,9 +112,7 @@ class SweepConfig:
             raise ConfigError(f"--chunk {self.chunk!r} must be an integer >= 0 (0: automatic)")
         if not (isinstance(self.search_seed, int) and self.search_seed >= 0):
             raise ConfigError(f"--search-seed {self.search_seed!r} must be an integer >= 0")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
-                not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ConfigError(f"--seeds {self.seeds} must be distinct integers >= 0")
+        check_seeds(self.seeds)
         if self.search == "tpe":
             try:
                 import optuna  # noqa: F401
