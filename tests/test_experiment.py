@@ -4,6 +4,7 @@ import csv
 import json
 import re
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
@@ -198,3 +199,34 @@ def test_seeds_give_statistics_and_intervals(mnist, tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "over 3 seeds" in text and "95% interval" in text and "`baseline` − `dropout`" in text
     assert "±" in text
+
+
+def test_metrics_on_all_training_images_match_numpy(splits):
+    """collect's full-training-set metrics (its training part evaluated, the validation part
+    taken from the last epoch) against a NumPy forward pass over all of them at once."""
+    from mnist_jax import experiment, fit
+    from mnist_jax.config import VARIANTS, TrainConfig
+
+    small = fit.Splits(splits.train_images[:3000], splits.train_labels[:3000],
+                       splits.val_images[:1000], splits.val_labels[:1000],
+                       splits.test_images[:500], splits.test_labels[:500])
+    stack = fit.train_stack(small, [VARIANTS["l2"], VARIANTS["dropout"]], (0,),
+                            TrainConfig(epochs=1), progress=False)
+    results = experiment.collect(stack, small)
+    x = np.concatenate([small.train_images, small.val_images]).astype(np.float64)
+    y = np.concatenate([small.train_labels, small.val_labels]).argmax(1)
+    for name, coef in (("l2", 1e-3), ("dropout", 0.0)):
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), stack.params(name, 0))
+        h = x
+        for layer in ("hidden_1", "hidden_2"):
+            h = np.maximum(h @ p[layer]["kernel"] + p[layer]["bias"], 0)
+        logits = h @ p["output"]["kernel"] + p["output"]["bias"]
+        shifted = logits - logits.max(1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        ce = -log_probs[np.arange(len(y)), y].mean()
+        penalty = coef * (p["hidden_1"]["kernel"] ** 2).sum()
+        full = results[name]["train_full"]
+        assert full["accuracy"] == pytest.approx((logits.argmax(1) == y).mean(), abs=1e-6)
+        assert full["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+        assert full["penalty"] == pytest.approx(penalty, rel=1e-5)
+        assert full["loss"] == pytest.approx(ce + penalty, rel=1e-5)

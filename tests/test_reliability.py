@@ -20,7 +20,7 @@ from mnist_jax.config import VARIANTS, TrainConfig
 from conftest import cli_env
 from test_cli import run_cli, run_main
 
-ARGS = ("train", "--variant", "dropout", "--epochs", 4)
+ARGS = ("train", "--variant", "dropout", "--epochs", 4, "--checkpoint-every", 0)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(mnist, tmp_path, capsy
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     done = run_main(capsys, "train", "--variant", "baseline", "--epochs", 3, "--out", out,
                     "--data-dir", mnist.cache_dir, "--quiet", "--no-compilation-cache",
-                    check=False)
+                    "--checkpoint-every", 0, check=False)
     assert done.returncode == 74, done.stderr
     assert (f"could not write checkpoint {out / 'checkpoints' / '2'}: No space left on device"
             in done.stderr) and "newest checkpoint is of epoch 1" in done.stderr
@@ -363,6 +363,11 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("experiment", ("--eval-batch-size", "1.5"), "--eval-batch-size '1.5' must be an integer"),
     ("experiment", ("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
     ("experiment", ("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
+    ("experiment", ("--checkpoint-every", "-1"), "--checkpoint-every -1.0 must be a number of "
+                                                 "seconds >= 0"),
+    ("experiment", ("--checkpoint-every", "x"), "--checkpoint-every 'x' must be a number of "
+                                                "seconds >= 0"),
+    ("sweep", ("--checkpoint-every", "nan"), "--checkpoint-every nan must be a number of "),
     ("experiment", ("--data-dir", "/nonexistent/mnist"),
      "data directory /nonexistent/mnist does not exist"),
     ("experiment", ("--out", "{file}"), "is a file; choose a directory"),
@@ -442,6 +447,7 @@ NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
                 ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
                 ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng"),
+                ("train", "--checkpoint-every"),
                 *(("sweep", flag) for flag in (
                     "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
                     "--eval-batch-size", "--schedule", "--dropout-rng"))}
@@ -531,3 +537,20 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatc
         files.write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_checkpoints_are_saved_by_time_and_at_the_end(mnist, tmp_path, capsys, monkeypatch):
+    """By default a checkpoint is due 10 s after the last: a 3-epoch run of a second or two
+    saves only its last epoch; with a clock that jumps 11 s an epoch, every epoch."""
+    import itertools
+
+    out = tmp_path / "run"
+    common = ("train", "--variant", "baseline", "--epochs", 3, "--data-dir", mnist.cache_dir,
+              "--quiet", "--no-compilation-cache")
+    run_main(capsys, *common, "--out", out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    ticks = itertools.count(0.0, 11.0)
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: next(ticks))
+    run_main(capsys, *common, "--out", tmp_path / "run2")
+    assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["2", "3"]  # orbax keeps the newest two

@@ -273,7 +273,7 @@ def test_auto_chunk_fits_memory_and_the_device_split():
 # --- long sweeps survive (slow: each a few CLI runs) ---------------------------------------------
 
 SWEEP = ("sweep", "--l2", "0,1e-4", "--dropout", "0,0.2", "--no-originals", "--chunk", 2,
-         "--epochs", 3, "--seeds", "0,1", "--quiet")
+         "--epochs", 3, "--seeds", "0,1", "--quiet", "--checkpoint-every", 0)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,29 @@ def save(mgr: ocp.CheckpointManager, stack: fit.Stack) -> None:
     except Exception as e:  # tensorstore reports a full disk as a ValueError
         raise WriteError(f"could not write checkpoint "
                          f"{Path(mgr.directory) / str(stack.epochs_done)}: {cause(e)}") from e
+
+
+# Seconds of training between checkpoints by default: a checkpoint of the study's four models
+# cost ~70 ms (orbax's save, the digests) against an epoch of ~0.8 s on 2 CPU cores, 1.4 s
+# of a 20-epoch run. A kill loses at most this much work; a resume is exact either way.
+EVERY_SECONDS = 10.0
+
+
+class Saver:
+    """Checkpoints a stack after an epoch when `every` seconds have passed since the last
+    save (0: after every epoch), and always when `force`d (the last epoch, a stop signal)."""
+
+    def __init__(self, mgr: ocp.CheckpointManager, every: float = EVERY_SECONDS):
+        self.mgr, self.every = mgr, every
+        self.last = time.monotonic()
+
+    def __call__(self, stack: fit.Stack, *, force: bool = False) -> bool:
+        """Saves if due; returns whether it did."""
+        if not (force or self.every <= 0 or time.monotonic() - self.last >= self.every):
+            return False
+        save(self.mgr, stack)
+        self.last = time.monotonic()
+        return True
 
 
 def _check_space(directory: Path, step: int, arrays: Any) -> None:

@@ -98,6 +98,12 @@ def _output(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files to <out>/tensorboard (needs "
                         "pip install 'mnist_jax[tensorboard]'; no TensorFlow)")
+    r.add_argument("--checkpoint-every", type=_number(float, "--checkpoint-every",
+                                                     "a number of seconds >= 0"),
+                   default=None, metavar="SECONDS",
+                   help="checkpoint after an epoch once this many seconds have passed since "
+                        "the last checkpoint (default 10; 0: every epoch); the last epoch and "
+                        "a stop signal always checkpoint")
     r.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache "
                         "($MNIST_JAX_COMPILATION_CACHE or ~/.cache/mnist_jax/...)")
@@ -310,7 +316,8 @@ def cmd_sweep(args) -> int:
     metrics = sweep_and_report(config, out, data_dir=args.data_dir,
                                resume=args.resume is not None, overwrite=args.overwrite,
                                progress=not args.quiet, echo=_say(args.quiet),
-                               tensorboard=args.tensorboard)
+                               tensorboard=args.tensorboard,
+                               checkpoint_every=_seconds(args.checkpoint_every))
     if not args.quiet:
         sel, confs = metrics["selection"], metrics["configurations"]
         on = sel["on"]
@@ -403,6 +410,12 @@ def _check_used(config, args) -> None:
                               f"has {what}; choose one of {users}, or leave {flag} out")
 
 
+def _seconds(value: float | None) -> float | None:
+    if value is not None and not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"--checkpoint-every {value!r} must be a number of seconds >= 0")
+    return value
+
+
 def _int(flag: str, text: str) -> int:
     try:
         return int(text)
@@ -424,7 +437,8 @@ def _run(args, config) -> int:
     results = train_and_evaluate(config, out, data_dir=args.data_dir,
                                  resume=args.resume is not None, overwrite=args.overwrite,
                                  progress=not args.quiet, echo=say, command=args.command,
-                                 tensorboard=args.tensorboard)
+                                 tensorboard=args.tensorboard,
+                                 checkpoint_every=_seconds(args.checkpoint_every))
     if not args.quiet:
         print(_results_table(results))
         print(f"report: {out / 'report.md'}")

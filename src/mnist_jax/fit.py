@@ -86,6 +86,7 @@ class Stack:
     # Models that diverged while training went on (fit's halt_on_divergence=False): the first
     # time each did, {"variant", "seed", "epoch", "step", "loss"}.
     diverged: list[dict] = dataclasses.field(default_factory=list)
+    data: EpochData | None = None  # the training and validation arrays fit placed on devices
 
     def params(self, variant: str, seed_index: int = 0):
         """The parameters of one model of the stack."""
@@ -314,7 +315,7 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
     config = stack.config
     mesh = parallel.data_mesh(config.data_parallel)
     devices = mesh or parallel.models_mesh(config.model_parallel)
-    data = epoch_data(splits, devices)
+    data = stack.data = epoch_data(splits, devices)
     state = place_state(stack.state, config)
     keys = stack.keys = parallel.put(stack.keys, devices)  # global arrays for checkpoints too
     t0 = time.perf_counter()
@@ -457,9 +458,10 @@ def evaluate(model: MLP, state: TrainState, images: np.ndarray, labels: np.ndarr
     return {k: float(v[0, 0]) for k, v in out.items()}
 
 
-def evaluate_models(stack: Stack, images: np.ndarray, labels: np.ndarray,
-                    ) -> dict[str, np.ndarray]:
-    """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V)."""
+def evaluate_models(stack: Stack, images: np.ndarray | jax.Array,
+                    labels: np.ndarray | jax.Array) -> dict[str, np.ndarray]:
+    """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V).
+    `images` may be arrays already on the devices (`stack.data`'s, say)."""
     mesh = parallel.data_mesh(stack.config.data_parallel)
     state = place_state(stack.state, stack.config)
     images, labels = parallel.put((images, labels),

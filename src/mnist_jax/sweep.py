@@ -355,11 +355,12 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
               progress: bool = True, echo: Callable[[str], None] = print,
               interrupt: Sequence[int] = (), resume_with: str = "",
               on_chunk_start: Callable[[int, Any], None] | None = None,
-              ) -> dict[str, Any]:
+              checkpoint_every: float | None = None) -> dict[str, Any]:
     """Trains every configuration x seed, a chunk at a time, into `out`; returns the
     configurations' results (name -> variant, runs, diverged), in sweep order.
 
-    Each chunk checkpoints every epoch under checkpoints/chunk_NNNN and, once finished,
+    Each chunk checkpoints under checkpoints/chunk_NNNN (every `checkpoint_every` seconds,
+    default checkpoint.EVERY_SECONDS, 0: every epoch; the last epoch always) and, once finished,
     writes its results to chunks/NNNN.json (and drops its checkpoints). With `resume`,
     finished chunks are read back and the chunk in flight continues from its newest intact
     checkpoint: the results equal an uninterrupted sweep's bit for bit. A non-empty
@@ -402,7 +403,8 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
             directory = out / "checkpoints" / f"chunk_{index:04d}"
             done = _train_chunk(config, points, splits, directory, resume=resume,
                                 progress=progress, echo=echo, interrupt=interrupt,
-                                resume_with=resume_with, checkpoint=checkpoint, what=what)
+                                resume_with=resume_with, checkpoint=checkpoint, what=what,
+                                checkpoint_every=checkpoint_every)
             save_chunk(path, index, points, done)
             shutil.rmtree(directory, ignore_errors=True)
         else:
@@ -423,7 +425,7 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
 def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                  directory: Path, *, resume: bool, progress: bool,
                  echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
-                 checkpoint, what: str) -> dict[str, Any]:
+                 checkpoint, what: str, checkpoint_every: float | None) -> dict[str, Any]:
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
                           len(splits.train_images) + len(splits.val_images))
@@ -432,8 +434,11 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
         if resume and checkpoint.restore(mgr, stack) is not None:
             echo(f"{what}: resuming after epoch {stack.epochs_done} of {config.train.epochs}")
 
+        save = checkpoint.Saver(mgr, checkpoint.EVERY_SECONDS if checkpoint_every is None
+                                else checkpoint_every)
+
         def on_epoch_end(s: fit.Stack) -> None:
-            checkpoint.save(mgr, s)
+            save(s, force=bool(interrupt) or s.epochs_done == config.train.epochs)
             if interrupt and s.epochs_done < config.train.epochs:
                 name = signal.Signals(interrupt[0]).name
                 raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
@@ -600,7 +605,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
                      data_dir: str | Path | None = None, resume: bool = False,
                      overwrite: bool = False, progress: bool = True,
                      echo: Callable[[str], None] = print, tensorboard: bool = False,
-                     ) -> dict[str, Any]:
+                     checkpoint_every: float | None = None) -> dict[str, Any]:
     """The sweep job: validate, hold `out_dir`, train every chunk (checkpointed, resumable,
     Ctrl-C and SIGTERM finish the epoch), then write metrics.json, sweep.csv, report.md,
     figures/ and, with `tensorboard`, event files. Returns what metrics.json holds."""
@@ -643,7 +648,8 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
             with experiment.recording_outcome(out, primary, resume_with,
                                               lambda: saved()[0], saved):
                 results = run_sweep(config, splits, out, resume=resume, progress=progress,
-                                    echo=echo, interrupt=interrupt, resume_with=resume_with)
+                                    echo=echo, interrupt=interrupt, resume_with=resume_with,
+                                    checkpoint_every=checkpoint_every)
                 metrics = assemble(config, results)
                 metrics.update(
                     created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
