@@ -151,3 +151,25 @@ def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
         plots.save(fig, path)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_figures_drawn_by_worker_processes_are_the_figures_drawn_here(tmp_path):
+    """The renderer's workers return PNG bytes equal to drawing in this process; nothing is
+    written before `finish`, which writes each to its own path and re-raises a failure."""
+    from mnist_jax.render import Renderer
+
+    labels = np.arange(100) % 10
+    history = {"loss": [1.0, 0.5], "accuracy": [0.8, 0.9]}
+    with Renderer(workers=2) as workers, Renderer(workers=0) as here:
+        for r, name in ((workers, "w"), (here, "h")):
+            r.draw(tmp_path / name / "a.png", "label_distribution", labels, labels[:50])
+            r.draw(tmp_path / name / "b.png", "history_curves", [history], title="x")
+        assert workers.pool is not None and not (tmp_path / "w").exists()
+        workers.finish()
+        here.finish()
+        for png in ("a.png", "b.png"):
+            assert (tmp_path / "w" / png).read_bytes() == (tmp_path / "h" / png).read_bytes()
+        assert (tmp_path / "w" / "a.png").read_bytes() != (tmp_path / "w" / "b.png").read_bytes()
+        workers.draw(tmp_path / "w" / "c.png", "history_curves", "not a history")
+        with pytest.raises((TypeError, AttributeError, KeyError, ValueError)):
+            workers.finish()

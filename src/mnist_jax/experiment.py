@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, parallel, plots, report, runtime, stats
+from mnist_jax import files, fit, parallel, report, runtime, stats
 from mnist_jax.config import (
     DROPOUT,
     L2,
@@ -37,6 +37,7 @@ from mnist_jax.errors import (
     WriteError,
 )
 from mnist_jax.model import count_params, summary
+from mnist_jax.render import Renderer
 
 FIGURES = "figures"
 
@@ -88,16 +89,35 @@ def timed(parts: dict[str, float], name: str):
         parts[name] = time.perf_counter() - t0
 
 
-def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0) -> dict[str, str]:
-    """The label distributions and 25 random digits as PNGs; returns their relative paths."""
-    return save_figures({
-        "label_distribution": plots.label_distribution(mnist.train_labels, mnist.test_labels),
-        "digits": plots.random_digits(mnist.train_images, mnist.train_labels, seed=seed),
-    }, Path(out_dir))
+def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0,
+            renderer: Renderer | None = None) -> dict[str, str]:
+    """The label distributions and 25 random digits as PNGs; returns their relative paths.
+    With a `renderer`, they are queued there and written by its `finish`."""
+    return _draw({
+        "label_distribution": ("label_distribution", (mnist.train_labels, mnist.test_labels),
+                               {}),
+        "digits": ("random_digits", (mnist.train_images, mnist.train_labels), {"seed": seed}),
+    }, Path(out_dir), renderer)
+
+
+def _draw(jobs: Mapping[str, tuple[str, tuple, dict]], out: Path,
+          renderer: Renderer | None) -> dict[str, str]:
+    """Queues each `plots` function's figure as figures/<key>.png under `out` (or, without a
+    renderer, draws and writes them now); returns the paths relative to `out`."""
+    paths = {key: f"{FIGURES}/{key}.png" for key in jobs}
+    now = renderer is None
+    renderer = Renderer(workers=0) if now else renderer
+    for key, (function, args, kwargs) in jobs.items():
+        renderer.draw(out / paths[key], function, *args, **kwargs)
+    if now:
+        renderer.finish()
+    return paths
 
 
 def save_figures(made: Mapping[str, Any], out: Path) -> dict[str, str]:
     """Each figure as figures/<key>.png under `out`; returns the paths relative to `out`."""
+    from mnist_jax import plots
+
     paths = {key: f"{FIGURES}/{key}.png" for key in made}
     for key, fig in made.items():
         plots.save(fig, out / paths[key])
@@ -191,47 +211,61 @@ def compare(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def history_figures(stack: fit.Stack, out_dir: Path,
+                    renderer: Renderer | None = None) -> dict[str, str]:
+    """Each variant's loss and accuracy per epoch (all seeds): needs only the histories."""
+    return _draw({f"curves_{v.name}": ("history_curves", (stack.histories[v.name],),
+                                       {"title": v.name}) for v in stack.variants},
+                 out_dir, renderer)
+
+
 def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mapping[str, Any],
-            best: str, out_dir: Path) -> dict[str, str]:
-    """Curves per variant, the comparison, and the best model's confusion and mistakes."""
-    made = {
-        "comparison": plots.compare_variants(
-            {name: [r["history"] for r in v["runs"]] for name, v in variants.items()},
-            {name: [r["test"]["accuracy"] for r in v["runs"]] for name, v in variants.items()}),
-    }
-    for name, v in variants.items():
-        made[f"curves_{name}"] = plots.history_curves([r["history"] for r in v["runs"]],
-                                                      title=name)
+            best: str, out_dir: Path, renderer: Renderer | None = None) -> dict[str, str]:
+    """The comparison, and the best model's confusion matrix and mistakes."""
     predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images,
                             mesh=parallel.data_mesh(stack.config.data_parallel))
     true = mnist.test_labels.astype(np.int64)
     seed = stack.seeds[0]
-    made["confusion"] = plots.confusion(
-        true, predicted, title=f"{best} (seed {seed}): test accuracy "
-                               f"{np.mean(true == predicted):.2%}")
-    made["misclassified"] = plots.misclassified(mnist.test_images, true, predicted)
-    return save_figures(made, out_dir)
+    return _draw({
+        "comparison": ("compare_variants", (
+            {name: [r["history"] for r in v["runs"]] for name, v in variants.items()},
+            {name: [r["test"]["accuracy"] for r in v["runs"]] for name, v in variants.items()}),
+            {}),
+        "confusion": ("confusion", (true, predicted), {
+            "title": f"{best} (seed {seed}): test accuracy {np.mean(true == predicted):.2%}"}),
+        "misclassified": ("misclassified", (mnist.test_images, true, predicted), {}),
+    }, out_dir, renderer)
 
 
 def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, *,
                    progress: bool = True, echo: Callable[[str], None] = print,
                    on_epoch_end: Callable[[fit.Stack], None] | None = None,
                    stack: fit.Stack | None = None,
-                   parts: Mapping[str, float] | None = None) -> dict[str, Any]:
+                   parts: Mapping[str, float] | None = None,
+                   renderer: Renderer | None = None) -> dict[str, Any]:
     """Runs the whole study into `out_dir` and returns what metrics.json holds.
 
     `stack` continues a restored run; `on_epoch_end` sees the stack after every epoch
     (checkpoints hook in there); `parts` are earlier stages' seconds (loading the data, say),
     recorded with this run's in timing's `parts_seconds` (wall_seconds is this call's).
     """
+    with contextlib.ExitStack() as held:
+        return _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
+                               parts, renderer, held)
+
+
+def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack, parts,
+                    renderer, held) -> dict[str, Any]:
     t_start = time.perf_counter()
     parts = dict(parts or {})  # seconds of each stage, for metrics.json's timing
     config.validate(len(mnist.train_images))
     out = Path(out_dir)
     primary = jax.process_index() == 0  # with several hosts, one writes the files
     variants = config.resolve()
-    with timed(parts, "eda"):
-        eda = run_eda(mnist, out, seed=config.seeds[0]) if primary else {}
+    if renderer is None:
+        renderer = held.enter_context(Renderer(runtime.usable_cores() if primary else 0))
+    with timed(parts, "eda"):  # queued: drawn by the renderer's workers while we compile
+        eda = run_eda(mnist, out, seed=config.seeds[0], renderer=renderer) if primary else {}
     with timed(parts, "prepare"):
         splits = fit.prepare(mnist, config.train.validation_split)
         if stack is None:
@@ -247,14 +281,17 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     with timed(parts, "fit"):  # compile + train + checkpoints
         fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end)
     echo(f"compiled in {stack.compile_seconds:.1f} s, trained in {stack.train_seconds:.1f} s")
+    curves = history_figures(stack, out, renderer) if primary else {}  # drawn as we evaluate
 
     with timed(parts, "evaluate"):  # test set and all 60k training images, every model
         results_variants = collect(stack, splits)
     selection = select(results_variants)
     best = selection["variant"]
-    with timed(parts, "figures"):
-        figure_paths = ({**eda, **figures(stack, splits, mnist, results_variants, best, out)}
+    with timed(parts, "figures"):  # the rest drawn, and all written
+        figure_paths = ({**eda, **curves, **figures(stack, splits, mnist, results_variants,
+                                                    best, out, renderer)}
                         if primary else {})
+        renderer.finish()
     results = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -282,6 +319,8 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
         "figures": figure_paths,
     }
     results["timing"]["wall_seconds"] = time.perf_counter() - t_start
+    # The whole process so far (start-up and imports included), where the OS tells it.
+    results["timing"]["process_seconds"] = runtime.process_seconds()
     if primary:
         report.write(out, results)
     return results
@@ -491,45 +530,48 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
     with timed(parts, "load_data"):
         mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
-    mgr = checkpoint.manager(out / CHECKPOINTS)
-    with timed(parts, "init"):  # compiling and running the initialiser
-        stack = fit.new_stack(config.resolve(), config.seeds, config.train,
-                              len(mnist.train_images))
-    echo(summary(stack.model))
-    if resume:
-        if checkpoint.restore(mgr, stack) is None:
-            echo(f"no checkpoint in {out / CHECKPOINTS} yet: starting from epoch 1")
-        else:
-            echo(f"resuming after epoch {stack.epochs_done} of {config.train.epochs}")
-    resume_with = f"mnist-jax {command} --resume {out}"
+    # Its workers start now, importing matplotlib while the initialiser compiles.
+    with Renderer(runtime.usable_cores() if primary else 0) as renderer:
+        mgr = checkpoint.manager(out / CHECKPOINTS)
+        with timed(parts, "init"):  # compiling and running the initialiser
+            stack = fit.new_stack(config.resolve(), config.seeds, config.train,
+                                  len(mnist.train_images))
+        echo(summary(stack.model))
+        if resume:
+            if checkpoint.restore(mgr, stack) is None:
+                echo(f"no checkpoint in {out / CHECKPOINTS} yet: starting from epoch 1")
+            else:
+                echo(f"resuming after epoch {stack.epochs_done} of {config.train.epochs}")
+        resume_with = f"mnist-jax {command} --resume {out}"
 
-    def saved() -> tuple[dict[str, Any], str]:  # what the newest checkpoint holds
-        mgr.reload()  # a failed save leaves the previous one newest
-        kept = mgr.latest_step() or 0
-        return ({"epochs_done": kept},
-                f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet")
+        def saved() -> tuple[dict[str, Any], str]:  # what the newest checkpoint holds
+            mgr.reload()  # a failed save leaves the previous one newest
+            kept = mgr.latest_step() or 0
+            return ({"epochs_done": kept},
+                    f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet")
 
-    with deferred_interrupt(echo) as interrupt:
-        save = checkpoint.Saver(mgr, checkpoint_every)
+        with deferred_interrupt(echo) as interrupt:
+            save = checkpoint.Saver(mgr, checkpoint_every)
 
-        def on_epoch_end(s: fit.Stack) -> None:
-            save(s, force=bool(interrupt) or s.epochs_done == config.train.epochs)
-            if interrupt and s.epochs_done < config.train.epochs:
-                name = signal.Signals(interrupt[0]).name
-                raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
-                                  f"{config.train.epochs}, checkpoint saved; resume with: "
-                                  f"{resume_with}", signum=interrupt[0])
-        try:
-            with recording_outcome(out, primary, resume_with,
-                                   lambda: {"epochs_done": stack.epochs_done}, saved):
-                results = run_experiment(config, mnist, out, progress=progress, echo=echo,
-                                         on_epoch_end=on_epoch_end, stack=stack, parts=parts)
-        finally:
-            mgr.close()
-        # Still inside the handler: a signal after the last epoch lets the run complete.
-        if primary:
-            set_status(out, "complete", epochs_done=stack.epochs_done)
-        if interrupt:
-            echo(f"{signal.Signals(interrupt[0]).name} came after the last epoch: the run "
-                 "completed")
+            def on_epoch_end(s: fit.Stack) -> None:
+                save(s, force=bool(interrupt) or s.epochs_done == config.train.epochs)
+                if interrupt and s.epochs_done < config.train.epochs:
+                    name = signal.Signals(interrupt[0]).name
+                    raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
+                                      f"{config.train.epochs}, checkpoint saved; resume with: "
+                                      f"{resume_with}", signum=interrupt[0])
+            try:
+                with recording_outcome(out, primary, resume_with,
+                                       lambda: {"epochs_done": stack.epochs_done}, saved):
+                    results = run_experiment(config, mnist, out, progress=progress, echo=echo,
+                                             on_epoch_end=on_epoch_end, stack=stack, parts=parts,
+                                             renderer=renderer)
+            finally:
+                mgr.close()
+            # Still inside the handler: a signal after the last epoch lets the run complete.
+            if primary:
+                set_status(out, "complete", epochs_done=stack.epochs_done)
+            if interrupt:
+                echo(f"{signal.Signals(interrupt[0]).name} came after the last epoch: the run "
+                     "completed")
     return results

@@ -76,3 +76,14 @@ def cpu() -> dict[str, Any]:
     family = " ".join(f"{k} {v}" for k, v in ids.items())
     return {"model": model, "family": family, "cores": usable_cores(),
             "extensions": [x for x in wanted if x in flags]}
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - started

@@ -1,0 +1,82 @@
+"""Figures drawn in worker processes while this one evaluates, then written here.
+
+Drawing a figure is Python holding the GIL (0.1 s each, 9 for the study), so threads would
+not overlap; two worker processes (the cores training has just freed) draw while the main
+process evaluates. They start early, so their imports overlap compilation, and they return
+PNG bytes: every file is written by this process (atomically, with the user's umask). Where
+processes cannot be made, figures are drawn here, one after another, with the same bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import multiprocessing
+import signal
+from pathlib import Path
+from typing import Any
+
+from mnist_jax import files
+
+DPI = 110
+
+
+def png(function: str, args: tuple, kwargs: dict) -> bytes:
+    """`plots.<function>(*args, **kwargs)` drawn as PNG bytes (in a worker or here)."""
+    from mnist_jax import plots
+
+    fig = getattr(plots, function)(*args, **kwargs)
+    buffer = io.BytesIO()
+    # Every figure lays itself out (constrained layout); a "tight" bounding box would draw
+    # it a second time.
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def _quiet_worker() -> None:
+    # Ctrl-C reaches the whole process group: the main process decides, the workers do not.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import mnist_jax.plots  # noqa: F401  (warm: matplotlib imported before the first job)
+
+
+class Renderer:
+    """Queues figures (`draw`), then writes them when `finish` is called; a context manager
+    that stops its workers on leaving, whatever happened."""
+
+    def __init__(self, workers: int = 2):
+        self.jobs: list[tuple[Path, Any]] = []
+        self.pool = None
+        if workers > 0:
+            try:
+                context = multiprocessing.get_context("forkserver")
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=context, initializer=_quiet_worker)
+                for _ in range(workers):  # start them now: their imports overlap compiling
+                    self.pool.submit(int)
+            except (OSError, ValueError, RuntimeError):
+                self.pool = None
+
+    def draw(self, path: Path, function: str, *args, **kwargs) -> None:
+        """Queues `plots.<function>(*args, **kwargs)`, to be written to `path`."""
+        job = (self.pool.submit(png, function, args, kwargs) if self.pool is not None
+               else (function, args, kwargs))
+        self.jobs.append((Path(path), job))
+
+    def finish(self) -> None:
+        """Writes every queued figure, in the order queued; re-raises a drawing's error."""
+        jobs, self.jobs = self.jobs, []
+        for path, job in jobs:
+            data = job.result() if isinstance(job, concurrent.futures.Future) else png(*job)
+            files.write_bytes(path, data)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> Renderer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
