@@ -137,3 +137,42 @@ def test_flop_counts_by_hand():
     assert forward_flops_per_sample() == forward == 537_600
     # backward: weight gradients (as much as forward) + input gradients of layers 2 and 3
     assert train_flops_per_sample() == 2 * forward + 2 * (256 * 256 + 256 * 10) == 1_211_392
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits():
+    """Mixed precision as Keras's mixed_bfloat16: the matmuls in bfloat16, the parameters
+    (so the optimizer state) and the logits float32, the logits within bfloat16's rounding
+    of float32's."""
+    import optax
+
+    x = jax.random.uniform(jax.random.key(1), (64, 784))
+    f32, bf16 = MLP(), MLP(dtype="bfloat16")
+    params = f32.init(jax.random.key(0), x)["params"]
+    assert jax.tree.leaves(bf16.init(jax.random.key(0), x)["params"])[0].dtype == jnp.float32
+    assert jax.tree.map(lambda a, b: a.shape == b.shape and bool((a == b).all()),
+                        params, bf16.init(jax.random.key(0), x)["params"])
+    jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x))(params))
+    assert jaxpr.count("dot_general") == 3
+    assert all("bf16" in line for line in jaxpr.splitlines() if "dot_general" in line)
+    low = bf16.apply({"params": params}, x)
+    high = f32.apply({"params": params}, x)
+    assert low.dtype == jnp.float32
+    assert not np.array_equal(low, high)
+    np.testing.assert_allclose(low, high, atol=0.05, rtol=0.05)
+    state = optax.adam(1e-3).init(params)
+    assert {a.dtype for a in jax.tree.leaves(state) if a.ndim} == {jnp.dtype(jnp.float32)}
+
+
+def test_matmul_precision_highest_reaches_every_matmul():
+    """'highest' holds even where JAX's default is lower (TF32 on GPUs; set here, since the
+    tests otherwise run at 'highest'); without it the matmuls follow that default."""
+    x = jnp.ones((4, 784))
+    params = MLP().init(jax.random.key(0), x)["params"]
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    for precision, is_highest in ((None, False), ("highest", True)):
+        model = MLP(precision=precision)
+        with jax.default_matmul_precision("default"):
+            jaxpr = jax.make_jaxpr(lambda p, m=model: m.apply({"params": p}, x))(params)
+        found = [e.params["precision"] for e in jaxpr.jaxpr.eqns
+                 if e.primitive.name == "dot_general"]
+        assert len(found) == 3 and all((p == highest) == is_highest for p in found), found

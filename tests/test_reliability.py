@@ -351,6 +351,10 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("experiment", ("--optimizer", "sgd"), "--optimizer 'sgd' must be one of 'keras-adam', "
                                             "'adam'"),
     ("experiment", ("--loss", "mse"), "--loss 'mse' must be one of 'logits', 'clipped'"),
+    ("experiment", ("--precision", "fp8"), "--precision 'fp8' must be one of 'float32', "
+                                           "'bfloat16'"),
+    ("experiment", ("--matmul-precision", "low"), "--matmul-precision 'low' must be one of "
+                                                  "'default', 'highest'"),
     ("experiment", ("--schedule", "fast"), "--schedule 'fast' must be one of 'auto', 'stack'"),
     ("experiment", ("--dropout-rng", "x"), "--dropout-rng 'x' must be one of 'hash', "
                                             "'threefry'"),
@@ -447,7 +451,9 @@ NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
                 ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
                 ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng"),
-                ("train", "--checkpoint-every"),
+                ("train", "--checkpoint-every"), ("train", "--precision"),
+                ("train", "--matmul-precision"), ("sweep", "--precision"),
+                ("sweep", "--matmul-precision"),
                 *(("sweep", flag) for flag in (
                     "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
                     "--eval-batch-size", "--schedule", "--dropout-rng"))}

@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", choices=("softmax", "logits"), default="softmax")
+    parser.add_argument("--precision", choices=("float32", "mixed_bfloat16"),
+                        default="float32", help="Keras's dtype policy")
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +35,7 @@ def main() -> None:
     from mnist_jax.config import VARIANTS
     from mnist_jax.data import load_mnist
 
+    keras.mixed_precision.set_global_policy(args.precision)
     mnist = load_mnist(args.data_dir)
     x = preprocessing.scale(preprocessing.flatten(mnist.train_images))
     y = preprocessing.one_hot(mnist.train_labels)
@@ -48,7 +51,9 @@ def main() -> None:
             if layer in variant.dropout_layers:
                 layers.append(keras.layers.Dropout(variant.dropout))
         logits = args.output == "logits"
-        layers.append(keras.layers.Dense(10, activation=None if logits else "softmax"))
+        # The output in float32, as Keras's mixed-precision guide says to.
+        layers.append(keras.layers.Dense(10, activation=None if logits else "softmax",
+                                         dtype="float32"))
         model = keras.Sequential(layers)
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=logits),
@@ -65,7 +70,8 @@ def main() -> None:
                           "test_loss": float(loss), "test_accuracy": float(accuracy),
                           "val_accuracy": float(history.history["val_accuracy"][-1]),
                           "keras": keras.__version__, "epochs": args.epochs,
-                          "seed": args.seed, "output": args.output}), flush=True)
+                          "seed": args.seed, "output": args.output,
+                          "precision": args.precision}), flush=True)
     del np
     sys.exit(0)
 

@@ -85,6 +85,12 @@ def _fit_flags(g) -> None:
                         "on accelerators")
     g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
                    help="generator of the dropout masks (default hash: keyed counter hash)")
+    g.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="float32 (default), or bfloat16 compute with float32 weights and "
+                        "optimizer state (mixed precision, as Keras's mixed_bfloat16)")
+    g.add_argument("--matmul-precision", choices=("default", "highest"), default=None,
+                   help="matmuls at XLA's default precision (TF32 on NVIDIA Ampere and "
+                        "later GPUs; float32 on CPU) or highest (full float32)")
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -243,7 +249,8 @@ def _train_given(args) -> dict:
     given = {"epochs": args.epochs, "batch_size": args.batch_size,
              "validation_split": args.validation_split, "eval_batch_size": args.eval_batch_size,
              "schedule": args.schedule, "dropout_rng": args.dropout_rng,
-             "optimizer": args.optimizer, "loss": args.loss}
+             "optimizer": args.optimizer, "loss": args.loss, "precision": args.precision,
+             "matmul_precision": args.matmul_precision}
     return {k: v for k, v in given.items() if v is not None}
 
 

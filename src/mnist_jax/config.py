@@ -122,6 +122,8 @@ def select_variants(names: Sequence[str], *, l2: float | None = None,
 
 
 SCHEDULES = ("auto", "stack", "sequential", "concurrent")
+PRECISIONS = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,10 @@ class TrainConfig:
     model_parallel: int = 1  # devices the models axis is sharded over (stack schedule)
     schedule: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
     dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
+    # 'float32', or 'bfloat16': bfloat16 compute, float32 weights and optimizer state.
+    precision: str = "float32"
+    # 'default' (XLA's: TF32 on NVIDIA Ampere and later, float32 on CPU) or 'highest'.
+    matmul_precision: str = "default"
 
     def validate(self, n_train: int = 60000) -> None:
         """Raises ConfigError naming the flag and its valid range; `n_train` before the split."""
@@ -187,6 +193,11 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "
                               f"{self.eval_batch_size} must be multiples of --data-parallel "
                               f"{self.data_parallel}, so each device gets an equal share")
+        for flag, value, choices in (("--precision", self.precision, PRECISIONS),
+                                     ("--matmul-precision", self.matmul_precision,
+                                      MATMUL_PRECISIONS)):
+            if value not in choices:
+                raise ConfigError(f"{flag} {value!r} must be one of {', '.join(choices)}")
         integer("--model-parallel", self.model_parallel, 1)
         if self.model_parallel > 1 and (self.data_parallel > 1
                                         or self.schedule in ("sequential", "concurrent")):

@@ -120,7 +120,9 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     for variant in variants:
         variant.validate(config.hidden)
     model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
-                dropout_rng=config.dropout_rng)
+                dropout_rng=config.dropout_rng,
+                dtype=None if config.precision == "float32" else config.precision,
+                precision=None if config.matmul_precision == "default" else "highest")
     init = functools.partial(_init_state(), model=model, tx=tx_for(config))
     rows, shuffle_keys, dropout_keys = [], [], []
     for seed in seeds:

@@ -59,7 +59,7 @@ class Dropout(nn.Module):
         bits = random_bits(self.make_rng("dropout"), x.shape, self.rng)
         threshold = (rate * 2.0**32).astype(jnp.uint32)
         keep = bits >= threshold
-        return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+        return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 class MLP(nn.Module):
@@ -70,23 +70,31 @@ class MLP(nn.Module):
     (len(hidden),)) at call time and active only when `train=True` (a 'dropout' RNG is then
     needed); with `dropout=False` there are none and no random bits are drawn.
     `dropout_rng` chooses the generator of the masks ('hash' or 'threefry', `random_bits`).
+    `dtype` is the computation's ('bfloat16' for mixed precision, as Keras's
+    `mixed_bfloat16`: parameters stay float32, the logits come out float32); `precision` the
+    matmuls' (None: XLA's default, TF32 on recent NVIDIA GPUs; 'highest': full float32).
     """
 
     hidden: tuple[int, ...] = (256, 256)
     num_classes: int = 10
     dropout: bool = False
     dropout_rng: str = "hash"
+    dtype: str | None = None
+    precision: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, dropout_rates: jax.Array | None = None, *,
                  train: bool = False) -> jax.Array:
         names = dense_names(self.hidden)
+        dense = dict(kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=jnp.float32,
+                     precision=self.precision)
         for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, kernel_init=glorot_uniform, name=names[i])(x)
+            x = nn.Dense(width, name=names[i], **dense)(x)
             x = nn.relu(x)
             if self.dropout and train:
                 x = Dropout(rng=self.dropout_rng, name=f"dropout_{i + 1}")(x, dropout_rates[i])
-        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name=names[-1])(x)
+        logits = nn.Dense(self.num_classes, name=names[-1], **dense)(x)
+        return logits.astype(jnp.float32)  # the loss and softmax in float32, as Keras's
 
 
 def train_flops_per_sample(hidden: tuple[int, ...] = (256, 256), input_dim: int = 784,
