@@ -176,3 +176,16 @@ def test_matmul_precision_highest_reaches_every_matmul():
         found = [e.params["precision"] for e in jaxpr.jaxpr.eqns
                  if e.primitive.name == "dot_general"]
         assert len(found) == 3 and all((p == highest) == is_highest for p in found), found
+
+
+def test_the_train_config_s_precision_reaches_the_model():
+    from mnist_jax import fit
+    from mnist_jax.config import VARIANTS, TrainConfig
+
+    for config, dtype, precision in ((TrainConfig(), None, None),
+                                     (TrainConfig(precision="bfloat16",
+                                                  matmul_precision="highest"),
+                                      "bfloat16", "highest")):
+        stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)
+        assert (stack.model.dtype, stack.model.precision) == (dtype, precision)
+        assert jax.tree.leaves(stack.state.params)[0].dtype == jnp.float32
