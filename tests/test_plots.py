@@ -173,3 +173,41 @@ def test_figures_drawn_by_worker_processes_are_the_figures_drawn_here(tmp_path):
         workers.draw(tmp_path / "w" / "c.png", "history_curves", "not a history")
         with pytest.raises((TypeError, AttributeError, KeyError, ValueError)):
             workers.finish()
+
+
+HOLD_RENDERER = """
+import sys, time
+from mnist_jax.render import Renderer
+r = Renderer(workers=2)
+r.draw("/nonexistent/never.png", "history_curves", [{"loss": [1.0]}])
+time.sleep(0.5)
+print(" ".join(str(p) for p in r.pool._processes), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_main_process_leaves_no_renderer_behind():
+    """SIGKILL gives the main process no chance to stop its workers: they notice and exit,
+    and hold none of its output pipes meanwhile (a caller waiting on them would hang)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    process = subprocess.Popen([sys.executable, "-c", HOLD_RENDERER], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    workers = [int(p) for p in process.stdout.readline().split()]
+    assert len(workers) == 2
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=10)  # no worker keeps the pipes open
+    def running(pid):  # a zombie (exited, not yet reaped by its parent) does not count
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while any(running(p) for p in workers):
+        assert time.monotonic() < deadline, "a worker outlived the main process"
+        time.sleep(0.1)

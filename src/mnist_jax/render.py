@@ -12,7 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,38 @@ def png(function: str, args: tuple, kwargs: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _quiet_worker() -> None:
-    # Ctrl-C reaches the whole process group: the main process decides, the workers do not.
+def _worker(main_pid: int) -> None:
+    """A worker's set-up: signals and output are the main process's business (Ctrl-C reaches
+    the whole process group; a test may wait for the main process's pipes to close), and it
+    exits when the main process is gone, even by SIGKILL, rather than wait on its queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
     import mnist_jax.plots  # noqa: F401  (warm: matplotlib imported before the first job)
+
+
+def _exit_with(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(0.2)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 class Renderer:
@@ -49,9 +79,11 @@ class Renderer:
         self.pool = None
         if workers > 0:
             try:
-                context = multiprocessing.get_context("forkserver")
+                # spawn: fresh interpreters (never a fork of this multi-threaded process) and no
+                # server process that could outlive this one.
+                context = multiprocessing.get_context("spawn")
                 self.pool = concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=context, initializer=_quiet_worker)
+                    workers, mp_context=context, initializer=_worker, initargs=(os.getpid(),))
                 for _ in range(workers):  # start them now: their imports overlap compiling
                     self.pool.submit(int)
             except (OSError, ValueError, RuntimeError):
