@@ -354,7 +354,6 @@ def _objective(result: Mapping[str, Any]) -> float | None:
 def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: bool = False,
               progress: bool = True, echo: Callable[[str], None] = print,
               interrupt: Sequence[int] = (), resume_with: str = "",
-              on_chunk_start: Callable[[int, Any], None] | None = None,
               checkpoint_every: float | None = None) -> dict[str, Any]:
     """Trains every configuration x seed, a chunk at a time, into `out`; returns the
     configurations' results (name -> variant, runs, diverged), in sweep order.
@@ -367,8 +366,6 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
     `interrupt` (a signal number, appended by a handler) stops after the epoch in flight,
     checkpointed, raising Interrupted with `resume_with` in its message.
     """
-    from mnist_jax import checkpoint
-
     config.validate(len(splits.train_images) + len(splits.val_images))
     fixed = None if config.search == "tpe" else with_originals(
         grid(config) if config.search == "grid" else random_points(config), config)
@@ -397,13 +394,11 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
         done = load_chunk(path, points, echo) if resume else None
         what = f"chunk {index + 1}" + (f" of {n_chunks}" if n_chunks else "")
         if done is None:
-            if on_chunk_start is not None:
-                on_chunk_start(index, points)
             echo(f"{what}: {len(points)} configuration(s) x {len(config.seeds)} seed(s)")
             directory = out / "checkpoints" / f"chunk_{index:04d}"
             done = _train_chunk(config, points, splits, directory, resume=resume,
                                 progress=progress, echo=echo, interrupt=interrupt,
-                                resume_with=resume_with, checkpoint=checkpoint, what=what,
+                                resume_with=resume_with, what=what,
                                 checkpoint_every=checkpoint_every)
             save_chunk(path, index, points, done)
             shutil.rmtree(directory, ignore_errors=True)
@@ -413,7 +408,8 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
             tpe.tell(points, done)
         results.update(done)
         index += 1
-        if fixed is not None and index * size >= len(fixed):
+        more = (index * size < len(fixed)) if fixed is not None else drawn < config.samples
+        if not more:
             break
         if interrupt:
             name = signal.Signals(interrupt[0]).name
@@ -425,7 +421,9 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
 def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                  directory: Path, *, resume: bool, progress: bool,
                  echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
-                 checkpoint, what: str, checkpoint_every: float | None) -> dict[str, Any]:
+                 what: str, checkpoint_every: float | None) -> dict[str, Any]:
+    from mnist_jax import checkpoint  # orbax is slow to import: only when training
+
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
                           len(splits.train_images) + len(splits.val_images))
