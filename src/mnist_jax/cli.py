@@ -310,16 +310,10 @@ def _sweep_config(args):
 
 
 def cmd_sweep(args) -> int:
-    from mnist_jax import runtime
     from mnist_jax.sweep import sweep_and_report
 
-    if args.resume is not None and args.out is not None and args.out != args.resume:
-        raise ConfigError("give either --out (a new sweep) or --resume DIR, not both")
     config = _sweep_config(args)
-    out = args.resume or args.out or Path("runs") / datetime.datetime.now().strftime(
-        "sweep-%Y-%m-%dT%H-%M-%S")
-    if not args.no_compilation_cache:
-        runtime.enable_compilation_cache()
+    out = _out_dir(args, "sweep-")
     metrics = sweep_and_report(config, out, data_dir=args.data_dir,
                                resume=args.resume is not None, overwrite=args.overwrite,
                                progress=not args.quiet, echo=_say(args.quiet),
@@ -431,16 +425,10 @@ def _int(flag: str, text: str) -> int:
 
 
 def _run(args, config) -> int:
-    from mnist_jax import runtime
     from mnist_jax.experiment import train_and_evaluate
 
     say = _say(args.quiet)
-    if args.resume is not None and args.out is not None and args.out != args.resume:
-        raise ConfigError("give either --out (a new run) or --resume DIR, not both")
-    out = args.resume or args.out or Path("runs") / datetime.datetime.now().strftime(
-        "%Y-%m-%dT%H-%M-%S")
-    if not args.no_compilation_cache:
-        runtime.enable_compilation_cache()
+    out = _out_dir(args)
     results = train_and_evaluate(config, out, data_dir=args.data_dir,
                                  resume=args.resume is not None, overwrite=args.overwrite,
                                  progress=not args.quiet, echo=say, command=args.command,
@@ -450,6 +438,19 @@ def _run(args, config) -> int:
         print(_results_table(results))
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _out_dir(args, prefix: str = "") -> Path:
+    """The run directory (--resume's, --out, or runs/<prefix><timestamp>); turns the
+    persistent compilation cache on unless told not to."""
+    from mnist_jax import runtime
+
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise ConfigError("give either --out (a new run) or --resume DIR, not both")
+    if not args.no_compilation_cache:
+        runtime.enable_compilation_cache()
+    return args.resume or args.out or Path("runs") / datetime.datetime.now().strftime(
+        f"{prefix}%Y-%m-%dT%H-%M-%S")
 
 
 def _results_table(results) -> str:

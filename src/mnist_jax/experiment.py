@@ -425,6 +425,21 @@ def deferred_interrupt(echo: Callable[[str], None]):
             signal.signal(s, h)
 
 
+def checkpoint_hook(save: Callable[..., bool], interrupt: list[int], epochs: int,
+                    resume_with: str, where: str = "") -> Callable[[fit.Stack], None]:
+    """`fit`'s on_epoch_end: `save(stack, force=...)` when due, and always after the last epoch
+    and once a stop signal is in `interrupt`; then, before the last epoch, Interrupted with the
+    command that resumes (`where` names the part of the run, a sweep's chunk)."""
+    def on_epoch_end(s: fit.Stack) -> None:
+        save(s, force=bool(interrupt) or s.epochs_done == epochs)
+        if interrupt and s.epochs_done < epochs:
+            name = signal.Signals(interrupt[0]).name
+            raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of {epochs}{where}, "
+                              f"checkpoint saved; resume with: {resume_with}",
+                              signum=interrupt[0])
+    return on_epoch_end
+
+
 @contextlib.contextmanager
 def recording_outcome(out: Path, primary: bool, resume_with: str,
                       done: Callable[[], dict[str, Any]],
@@ -551,15 +566,8 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
                     f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet")
 
         with deferred_interrupt(echo) as interrupt:
-            save = checkpoint.Saver(mgr, checkpoint_every)
-
-            def on_epoch_end(s: fit.Stack) -> None:
-                save(s, force=bool(interrupt) or s.epochs_done == config.train.epochs)
-                if interrupt and s.epochs_done < config.train.epochs:
-                    name = signal.Signals(interrupt[0]).name
-                    raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
-                                      f"{config.train.epochs}, checkpoint saved; resume with: "
-                                      f"{resume_with}", signum=interrupt[0])
+            on_epoch_end = checkpoint_hook(checkpoint.Saver(mgr, checkpoint_every), interrupt,
+                                           config.train.epochs, resume_with)
             try:
                 with recording_outcome(out, primary, resume_with,
                                        lambda: {"epochs_done": stack.epochs_done}, saved):

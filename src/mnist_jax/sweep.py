@@ -423,6 +423,7 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                  echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
                  what: str, checkpoint_every: float | None) -> dict[str, Any]:
     from mnist_jax import checkpoint  # orbax is slow to import: only when training
+    from mnist_jax.experiment import checkpoint_hook
 
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
@@ -434,14 +435,8 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
 
         save = checkpoint.Saver(mgr, checkpoint.EVERY_SECONDS if checkpoint_every is None
                                 else checkpoint_every)
-
-        def on_epoch_end(s: fit.Stack) -> None:
-            save(s, force=bool(interrupt) or s.epochs_done == config.train.epochs)
-            if interrupt and s.epochs_done < config.train.epochs:
-                name = signal.Signals(interrupt[0]).name
-                raise Interrupted(f"{name}: stopped after epoch {s.epochs_done} of "
-                                  f"{config.train.epochs} of {what}, checkpoint saved; resume "
-                                  f"with: {resume_with}", signum=interrupt[0])
+        on_epoch_end = checkpoint_hook(save, interrupt, config.train.epochs, resume_with,
+                                       f" of {what}")
 
         t0 = time.perf_counter()
         fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end,
