@@ -147,3 +147,35 @@ def test_two_processes_match_one(mnist, tmp_path):
     test, ref = multi["variants"]["dropout"]["test"], single["variants"]["dropout"]["test"]
     assert test["loss"] == pytest.approx(ref["loss"], rel=2e-4)
     assert abs(test["accuracy"] - ref["accuracy"]) <= 2.01e-4
+
+
+@pytest.mark.slow
+def test_a_sweep_split_over_two_processes_matches_one(mnist, tmp_path):
+    """A sweep's models split over 2 processes x 2 devices (jax.distributed on loopback) give
+    each model's history as one process with four devices does."""
+    args = ["sweep", "--l2", "0,1e-4", "--dropout", "0,0.2", "--no-originals", "--epochs", "1",
+            "--chunk", "4", "--model-parallel", "all", "--data-dir", str(mnist.cache_dir),
+            "--quiet", "--no-compilation-cache"]
+    run_cli(*args, "--out", tmp_path / "single",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.cli", *args, "--out", str(tmp_path / "multi")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i),
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+        for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    single, multi = (json.loads((tmp_path / d / "metrics.json").read_text())
+                     for d in ("single", "multi"))
+    assert single["config"]["train"]["model_parallel"] == 4
+    assert multi["config"]["train"]["model_parallel"] == 4
+    assert list(multi["configurations"]) == list(single["configurations"])
+    for name, c in single["configurations"].items():
+        for run, ref in zip(multi["configurations"][name]["runs"], c["runs"], strict=True):
+            for key, values in ref["history"].items():
+                assert run["history"][key] == pytest.approx(values, rel=1e-6), (name, key)
+            assert run["test"] == pytest.approx(ref["test"], rel=1e-6)

@@ -186,6 +186,12 @@ _evaluate_stack = jax.jit(evaluate_stack,
                           static_argnames=("model", "batch_size", "batch_sharding", "loss_form"))
 
 
+def data_mesh(config: TrainConfig):
+    """The mesh each batch is split over, or None (one device, or the models split instead:
+    with several hosts `parallel.data_mesh(1)` is one device of the first host)."""
+    return None if config.model_parallel > 1 else parallel.data_mesh(config.data_parallel)
+
+
 def place_state(state: TrainState, config: TrainConfig) -> TrainState:
     """A stack's state on its devices: replicated for data parallelism, the variants axis
     split over `config.model_parallel` devices (each trains its share), or on the default
@@ -315,7 +321,7 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
     model keeps its last good state, is listed in `stack.diverged`, and the others train on.
     """
     config = stack.config
-    mesh = parallel.data_mesh(config.data_parallel)
+    mesh = data_mesh(config)
     devices = mesh or parallel.models_mesh(config.model_parallel)
     data = stack.data = epoch_data(splits, devices)
     state = place_state(stack.state, config)
@@ -464,7 +470,7 @@ def evaluate_models(stack: Stack, images: np.ndarray | jax.Array,
                     labels: np.ndarray | jax.Array) -> dict[str, np.ndarray]:
     """Loss, cross-entropy, penalty and accuracy of every model; arrays of shape (S, V).
     `images` may be arrays already on the devices (`stack.data`'s, say)."""
-    mesh = parallel.data_mesh(stack.config.data_parallel)
+    mesh = data_mesh(stack.config)
     state = place_state(stack.state, stack.config)
     images, labels = parallel.put((images, labels),
                                   mesh or parallel.models_mesh(stack.config.model_parallel))

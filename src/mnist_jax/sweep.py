@@ -400,8 +400,9 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
                                 progress=progress, echo=echo, interrupt=interrupt,
                                 resume_with=resume_with, what=what,
                                 checkpoint_every=checkpoint_every)
-            save_chunk(path, index, points, done)
-            shutil.rmtree(directory, ignore_errors=True)
+            if jax.process_index() == 0:  # with several hosts, one writes the files
+                save_chunk(path, index, points, done)
+                shutil.rmtree(directory, ignore_errors=True)
         else:
             echo(f"{what}: finished before, read from {path}")
         if tpe is not None and asked:
@@ -625,8 +626,8 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
             held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
             experiment.prepare_run_dir(out, config, resume=resume, overwrite=overwrite,
                                        command="sweep")
-        record = json.loads((out / experiment.RUN_FILE).read_text())
-        if resume and record.get("status") == "complete" and (out / "metrics.json").is_file():
+        record = json.loads((out / experiment.RUN_FILE).read_text()) if resume else {}
+        if record.get("status") == "complete" and (out / "metrics.json").is_file():
             echo(f"the sweep in {out} is complete: nothing to resume")
             return json.loads((out / "metrics.json").read_text())
         t_start = time.perf_counter()
