@@ -376,3 +376,16 @@ def test_train_writes_tensorboard_scalars_per_epoch(mnist, tmp_path, capsys):
     for key in ("loss", "val_accuracy"):
         got = [(e.step, e.value) for e in acc.Scalars(f"epoch/{key}")]
         assert got == [(i + 1, pytest.approx(v, abs=1e-7)) for i, v in enumerate(history[key])]
+
+
+def test_resuming_with_the_wrong_command_names_the_right_one(swept, tmp_path, capsys):
+    out, _, _ = swept
+    done = run_main(capsys, "experiment", "--resume", out, check=False)
+    assert done.returncode == 2
+    assert f"holds a run of `mnist-jax sweep`; resume it with: mnist-jax sweep --resume {out}" \
+        in done.stderr
+    experiment_run = tmp_path / "run"
+    experiment_run.mkdir()
+    (experiment_run / "run.json").write_text(json.dumps({"command": "train", "config": {}}))
+    done = run_main(capsys, "sweep", "--resume", experiment_run, check=False)
+    assert done.returncode == 2 and "resume it with: mnist-jax train --resume" in done.stderr

@@ -343,8 +343,9 @@ def load_run_config(out_dir: str | Path, kind: type = ExperimentConfig) -> Any:
         record = json.loads(path.read_text())
         if record.get("command", "experiment") != "sweep" and kind is not ExperimentConfig or (
                 record.get("command") == "sweep" and kind is ExperimentConfig):
-            raise ConfigError(f"--resume {out_dir} holds a `{record.get('command')}` run; "
-                              f"resume it with: mnist-jax {record.get('command')} --resume "
+            raise ConfigError(f"--resume {out_dir} holds a run of `mnist-jax "
+                              f"{record.get('command', 'experiment')}`; resume it with: "
+                              f"mnist-jax {record.get('command', 'experiment')} --resume "
                               f"{out_dir}")
         return kind.from_dict(record["config"])
     except FileNotFoundError as e:
