@@ -113,17 +113,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(mnist, tmp_path):
-    """Two processes of two devices each, joined through jax.distributed on loopback, train
-    exactly what one process does on four devices."""
-    args = ["train", "--variant", "dropout", "--epochs", "2", "--data-dir",
-            str(mnist.cache_dir), "--quiet", "--no-compilation-cache", "--data-parallel", "all"]
-    run_cli(*args, "--out", tmp_path / "single",
-            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+def two_processes(args: list[str], out) -> None:
+    """`mnist-jax ARGS --out OUT` as two processes of two devices each, joined through
+    jax.distributed on loopback; both must succeed."""
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.cli", *args, "--out", str(tmp_path / "multi")],
+        [sys.executable, "-m", "mnist_jax.cli", *args, "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(i),
@@ -132,6 +127,17 @@ def test_two_processes_match_one(mnist, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(mnist, tmp_path):
+    """Two processes of two devices each, joined through jax.distributed on loopback, train
+    exactly what one process does on four devices."""
+    args = ["train", "--variant", "dropout", "--epochs", "2", "--data-dir",
+            str(mnist.cache_dir), "--quiet", "--no-compilation-cache", "--data-parallel", "all"]
+    run_cli(*args, "--out", tmp_path / "single",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    two_processes(args, tmp_path / "multi")
     single, multi = (json.loads((tmp_path / d / "metrics.json").read_text())
                      for d in ("single", "multi"))
     assert multi["parallel"] == {"devices": 4, "processes": 2, "global_batch": 128,
@@ -158,17 +164,7 @@ def test_a_sweep_split_over_two_processes_matches_one(mnist, tmp_path):
             "--quiet", "--no-compilation-cache"]
     run_cli(*args, "--out", tmp_path / "single",
             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.cli", *args, "--out", str(tmp_path / "multi")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(i),
-                    XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-        for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    two_processes(args, tmp_path / "multi")
     single, multi = (json.loads((tmp_path / d / "metrics.json").read_text())
                      for d in ("single", "multi"))
     assert single["config"]["train"]["model_parallel"] == 4
