@@ -391,6 +391,28 @@ def prepare_run_dir(out_dir: str | Path, config: Any, *, resume: bool,
     return out
 
 
+@contextlib.contextmanager
+def held_run_dir(out: Path, config: Any, *, resume: bool, overwrite: bool, command: str,
+                 primary: bool):
+    """Holds `out` for this run (the first host takes its lock and records `config` there, as
+    `prepare_run_dir`), for the body of the `with`. Yields the run's run.json record when
+    `resume` finds the run complete with its metrics.json (nothing to do), else None."""
+    with contextlib.ExitStack() as held:
+        if primary:
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file; choose a directory")
+            if resume:  # nothing there: say so before creating anything
+                load_run_config(out, type(config))
+            held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
+            prepare_run_dir(out, config, resume=resume, overwrite=overwrite, command=command)
+        complete = None
+        if resume:  # every host reads it: all return, or all train
+            record = json.loads((out / RUN_FILE).read_text())
+            if record.get("status") == "complete" and (out / "metrics.json").is_file():
+                complete = record
+        yield complete
+
+
 def set_status(out: Path, status: str, **extra: Any) -> None:
     record = json.loads((out / RUN_FILE).read_text())
     files.write_json(out / RUN_FILE, {**record, "status": status, **extra})
@@ -512,20 +534,12 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     check_data_dir(data_dir)
     primary = jax.process_index() == 0
     out = Path(out_dir)
-    with contextlib.ExitStack() as held:
-        if primary:
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"--out {out} is a file; choose a directory")
-            if resume:
-                load_run_config(out)  # nothing there: say so before creating anything
-            held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
-            prepare_run_dir(out, config, resume=resume, overwrite=overwrite, command=command)
-        if resume:  # every host reads it: all return, or all train
-            record = json.loads((out / RUN_FILE).read_text())
-            if record.get("status") == "complete" and (out / "metrics.json").is_file():
-                echo(f"the run in {out} is complete ({record.get('epochs_done')} of "
-                     f"{config.train.epochs} epochs): nothing to resume")
-                return json.loads((out / "metrics.json").read_text())
+    with held_run_dir(out, config, resume=resume, overwrite=overwrite, command=command,
+                      primary=primary) as complete:
+        if complete is not None:
+            echo(f"the run in {out} is complete ({complete.get('epochs_done')} of "
+                 f"{config.train.epochs} epochs): nothing to resume")
+            return json.loads((out / "metrics.json").read_text())
         results = _train_into(config, out, data_dir, resume, progress, echo, command, primary,
                               checkpoint_every)
     if tensorboard and primary:

@@ -603,7 +603,6 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
     """The sweep job: validate, hold `out_dir`, train every chunk (checkpointed, resumable,
     Ctrl-C and SIGTERM finish the epoch), then write metrics.json, sweep.csv, report.md,
     figures/ and, with `tensorboard`, event files. Returns what metrics.json holds."""
-    import contextlib
     import datetime
 
     from mnist_jax import experiment, files, report, runtime
@@ -617,23 +616,16 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
     out = Path(out_dir)
     primary = jax.process_index() == 0
     resume_with = f"mnist-jax sweep --resume {out}"
-    with contextlib.ExitStack() as held:
-        if primary:
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"--out {out} is a file; choose a directory")
-            if resume:
-                experiment.load_run_config(out, SweepConfig)
-            held.enter_context(files.exclusive(out, "--resume" if resume else "--out"))
-            experiment.prepare_run_dir(out, config, resume=resume, overwrite=overwrite,
-                                       command="sweep")
-        record = json.loads((out / experiment.RUN_FILE).read_text()) if resume else {}
-        if record.get("status") == "complete" and (out / "metrics.json").is_file():
+    with experiment.held_run_dir(out, config, resume=resume, overwrite=overwrite,
+                                 command="sweep", primary=primary) as complete:
+        if complete is not None:
             echo(f"the sweep in {out} is complete: nothing to resume")
             return json.loads((out / "metrics.json").read_text())
         t_start = time.perf_counter()
         mnist = load_mnist(data_dir)
         echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
         splits = fit.prepare(mnist, config.train.validation_split)
+
         def saved() -> tuple[dict[str, Any], str]:
             done = len(list((out / CHUNKS).glob("*.json")))
             return {"chunks_done": done}, f"{done} chunk(s) finished and saved"
