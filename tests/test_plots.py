@@ -141,9 +141,12 @@ def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     fig = plots.history_curves(HISTORY)
 
-    def broken(*args, **kwargs):
-        with open(args[0], "wb") as f:
-            f.write(b"half a png")
+    def broken(target, *args, **kwargs):  # half a PNG into wherever savefig writes
+        if hasattr(target, "write"):
+            target.write(b"half a png")
+        else:
+            with open(target, "wb") as f:
+                f.write(b"half a png")
         raise OSError("disk full")
 
     monkeypatch.setattr(fig, "savefig", broken)

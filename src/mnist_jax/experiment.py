@@ -93,17 +93,18 @@ def run_eda(mnist: MNIST, out_dir: str | Path, seed: int = 0,
             renderer: Renderer | None = None) -> dict[str, str]:
     """The label distributions and 25 random digits as PNGs; returns their relative paths.
     With a `renderer`, they are queued there and written by its `finish`."""
-    return _draw({
+    return draw_figures({
         "label_distribution": ("label_distribution", (mnist.train_labels, mnist.test_labels),
                                {}),
         "digits": ("random_digits", (mnist.train_images, mnist.train_labels), {"seed": seed}),
     }, Path(out_dir), renderer)
 
 
-def _draw(jobs: Mapping[str, tuple[str, tuple, dict]], out: Path,
+def draw_figures(jobs: Mapping[str, tuple[str, tuple, dict]], out: Path,
           renderer: Renderer | None) -> dict[str, str]:
-    """Queues each `plots` function's figure as figures/<key>.png under `out` (or, without a
-    renderer, draws and writes them now); returns the paths relative to `out`."""
+    """`jobs[key] = (function, args, kwargs)`: `plots.<function>(*args, **kwargs)` queued as
+    figures/<key>.png under `out` (or, without a renderer, drawn and written now); returns
+    the paths relative to `out`."""
     paths = {key: f"{FIGURES}/{key}.png" for key in jobs}
     now = renderer is None
     renderer = Renderer(workers=0) if now else renderer
@@ -111,16 +112,6 @@ def _draw(jobs: Mapping[str, tuple[str, tuple, dict]], out: Path,
         renderer.draw(out / paths[key], function, *args, **kwargs)
     if now:
         renderer.finish()
-    return paths
-
-
-def save_figures(made: Mapping[str, Any], out: Path) -> dict[str, str]:
-    """Each figure as figures/<key>.png under `out`; returns the paths relative to `out`."""
-    from mnist_jax import plots
-
-    paths = {key: f"{FIGURES}/{key}.png" for key in made}
-    for key, fig in made.items():
-        plots.save(fig, out / paths[key])
     return paths
 
 
@@ -214,7 +205,7 @@ def compare(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
 def history_figures(stack: fit.Stack, out_dir: Path,
                     renderer: Renderer | None = None) -> dict[str, str]:
     """Each variant's loss and accuracy per epoch (all seeds): needs only the histories."""
-    return _draw({f"curves_{v.name}": ("history_curves", (stack.histories[v.name],),
+    return draw_figures({f"curves_{v.name}": ("history_curves", (stack.histories[v.name],),
                                        {"title": v.name}) for v in stack.variants},
                  out_dir, renderer)
 
@@ -226,7 +217,7 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
                             mesh=parallel.data_mesh(stack.config.data_parallel))
     true = mnist.test_labels.astype(np.int64)
     seed = stack.seeds[0]
-    return _draw({
+    return draw_figures({
         "comparison": ("compare_variants", (
             {name: [r["history"] for r in v["runs"]] for name, v in variants.items()},
             {name: [r["test"]["accuracy"] for r in v["runs"]] for name, v in variants.items()}),
@@ -250,20 +241,21 @@ def run_experiment(config: ExperimentConfig, mnist: MNIST, out_dir: str | Path, 
     recorded with this run's in timing's `parts_seconds` (wall_seconds is this call's).
     """
     with contextlib.ExitStack() as held:
+        if renderer is None:
+            primary = jax.process_index() == 0
+            renderer = held.enter_context(Renderer(runtime.usable_cores() if primary else 0))
         return _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
-                               parts, renderer, held)
+                               parts, renderer)
 
 
 def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack, parts,
-                    renderer, held) -> dict[str, Any]:
+                    renderer: Renderer) -> dict[str, Any]:
     t_start = time.perf_counter()
     parts = dict(parts or {})  # seconds of each stage, for metrics.json's timing
     config.validate(len(mnist.train_images))
     out = Path(out_dir)
     primary = jax.process_index() == 0  # with several hosts, one writes the files
     variants = config.resolve()
-    if renderer is None:
-        renderer = held.enter_context(Renderer(runtime.usable_cores() if primary else 0))
     with timed(parts, "eda"):  # queued: drawn by the renderer's workers while we compile
         eda = run_eda(mnist, out, seed=config.seeds[0], renderer=renderer) if primary else {}
     with timed(parts, "prepare"):

@@ -3,6 +3,7 @@ inline by notebooks); `save` writes it as a PNG atomically. No pyplot, no global
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
@@ -20,12 +21,21 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
           "#7f7f7f")
 
 
-def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
-    """Writes `fig` as a PNG via a temporary file and rename."""
-    with files.atomic_path(path) as tmp:
-        # Every figure lays itself out (constrained layout); a "tight" bounding box would
-        # draw it a second time.
-        fig.savefig(tmp, format="png", dpi=dpi)
+DPI = 110
+
+
+def png(fig: Figure, dpi: int = DPI) -> bytes:
+    """`fig` as PNG bytes."""
+    buffer = io.BytesIO()
+    # Every figure lays itself out (constrained layout); a "tight" bounding box would draw it
+    # a second time.
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def save(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> None:
+    """Writes `fig` as a PNG atomically (a temporary file, then a rename)."""
+    files.write_bytes(path, png(fig, dpi))
 
 
 def label_distribution(train_labels: np.ndarray, test_labels: np.ndarray) -> Figure:

@@ -10,7 +10,6 @@ processes cannot be made, figures are drawn here, one after another, with the sa
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import multiprocessing
 import os
 import signal
@@ -21,19 +20,12 @@ from typing import Any
 
 from mnist_jax import files
 
-DPI = 110
-
 
 def png(function: str, args: tuple, kwargs: dict) -> bytes:
     """`plots.<function>(*args, **kwargs)` drawn as PNG bytes (in a worker or here)."""
     from mnist_jax import plots
 
-    fig = getattr(plots, function)(*args, **kwargs)
-    buffer = io.BytesIO()
-    # Every figure lays itself out (constrained layout); a "tight" bounding box would draw
-    # it a second time.
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return plots.png(getattr(plots, function)(*args, **kwargs))
 
 
 def _worker(main_pid: int) -> None:

@@ -528,8 +528,7 @@ def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
 def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[str, str]:
     """Heatmaps (a grid: one per learning rate) or a scatter of the points, and the curves of
     the best five beside the original variants; returns their paths relative to `out`."""
-    from mnist_jax import plots
-    from mnist_jax.experiment import save_figures
+    from mnist_jax.experiment import draw_figures
 
     confs = metrics["configurations"]
     chosen = metrics["selection"]["configuration"]
@@ -550,26 +549,27 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
                    and confs[n]["variant"]["learning_rate"] == lr]
             note = "\noff the grid: " + ", ".join(
                 f"{n} {_mean_val(metrics, n):.2%}" for n in off) if off else ""
-            made[f"sweep_heatmap_{k}"] = plots.sweep_heatmap(
-                config.l2, config.dropout, values, n_seeds=n_seeds, chosen=where.get(chosen),
-                marks=marks, title=f"learning rate {lr:g}{note}")
+            made[f"sweep_heatmap_{k}"] = ("sweep_heatmap", (config.l2, config.dropout, values), {
+                "n_seeds": n_seeds, "chosen": where.get(chosen), "marks": marks,
+                "title": f"learning rate {lr:g}{note}"})
     else:
         names = [n for n in confs if n not in VARIANTS]
         v = [confs[n]["variant"] for n in names]
         chosen_index = names.index(chosen) if chosen in names else 0
-        made["sweep_points"] = plots.sweep_scatter(
+        made["sweep_points"] = ("sweep_scatter", (
             [x["l2"] for x in v], [x["dropout"] for x in v], [x["learning_rate"] for x in v],
-            [_mean_val(metrics, n) for n in names], n_seeds=n_seeds, chosen=chosen_index,
-            title=f"{config.search} search: {len(names)} points"
-                  + ("" if chosen in names else f" (chosen: {chosen}, an original)"))
+            [_mean_val(metrics, n) for n in names]), {
+            "n_seeds": n_seeds, "chosen": chosen_index,
+            "title": f"{config.search} search: {len(names)} points"
+                     + ("" if chosen in names else f" (chosen: {chosen}, an original)")})
     best = metrics["selection"]["ranking"][:5]
     shown = best + [n for n in VARIANTS if n in confs and n not in best]
     on = metrics["selection"]["on"]
-    made["sweep_curves"] = plots.top_curves(
+    made["sweep_curves"] = ("top_curves", (
         {n: np.mean([[np.nan if x is None else x for x in r["history"][on]]
-                     for r in confs[n]["runs"]], axis=0) for n in shown},
-        n_seeds=n_seeds, references=[n for n in VARIANTS if n not in best])
-    return save_figures(made, out)
+                     for r in confs[n]["runs"]], axis=0) for n in shown},), {
+        "n_seeds": n_seeds, "references": [n for n in VARIANTS if n not in best]})
+    return draw_figures(made, out, None)
 
 
 def table_csv(metrics: Mapping[str, Any]) -> str:
