@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, parallel, report, runtime, stats
+from mnist_jax import files, fit, report, runtime, stats
 from mnist_jax.config import (
     DROPOUT,
     L2,
@@ -214,7 +214,7 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
             best: str, out_dir: Path, renderer: Renderer | None = None) -> dict[str, str]:
     """The comparison, and the best model's confusion matrix and mistakes."""
     predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images,
-                            mesh=parallel.data_mesh(stack.config.data_parallel))
+                            mesh=fit.data_mesh(stack.config))
     true = mnist.test_labels.astype(np.int64)
     seed = stack.seeds[0]
     return draw_figures({

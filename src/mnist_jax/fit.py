@@ -192,13 +192,19 @@ def data_mesh(config: TrainConfig):
     return None if config.model_parallel > 1 else parallel.data_mesh(config.data_parallel)
 
 
+def devices_mesh(config: TrainConfig):
+    """The mesh a stack's data (replicated) and keys live on: the data mesh, or the one its
+    models are split over, or None for the default device."""
+    return data_mesh(config) or parallel.models_mesh(config.model_parallel)
+
+
 def place_state(state: TrainState, config: TrainConfig) -> TrainState:
     """A stack's state on its devices: replicated for data parallelism, the variants axis
     split over `config.model_parallel` devices (each trains its share), or on the default
     device."""
     if config.model_parallel > 1:
         return parallel.put_models(state, parallel.models_mesh(config.model_parallel))
-    return parallel.put(state, parallel.data_mesh(config.data_parallel))
+    return parallel.put(state, data_mesh(config))
 
 
 def epoch_data(splits: Splits, mesh=None) -> EpochData:
@@ -212,7 +218,7 @@ def _describe(metrics: EpochMetrics, stack: Stack) -> str:
     if len(stack.variants) > 4:  # a sweep: the best and the mean, not every model
         val = metrics.val_accuracy.mean(axis=0)
         key = val if np.isfinite(val).any() else metrics.accuracy.mean(axis=0)
-        best = int(np.nanargmax(np.where(np.isfinite(key), key, -np.inf)))
+        best = int(np.argmax(np.where(np.isfinite(key), key, -np.inf)))
         return (f"{len(stack.variants)} configurations: best {stack.variants[best].name} "
                 f"{key[best]:.4f}, mean {np.nanmean(key):.4f}")
     parts = []
@@ -322,7 +328,7 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
     """
     config = stack.config
     mesh = data_mesh(config)
-    devices = mesh or parallel.models_mesh(config.model_parallel)
+    devices = devices_mesh(config)
     data = stack.data = epoch_data(splits, devices)
     state = place_state(stack.state, config)
     keys = stack.keys = parallel.put(stack.keys, devices)  # global arrays for checkpoints too
@@ -472,8 +478,7 @@ def evaluate_models(stack: Stack, images: np.ndarray | jax.Array,
     `images` may be arrays already on the devices (`stack.data`'s, say)."""
     mesh = data_mesh(stack.config)
     state = place_state(stack.state, stack.config)
-    images, labels = parallel.put((images, labels),
-                                  mesh or parallel.models_mesh(stack.config.model_parallel))
+    images, labels = parallel.put((images, labels), devices_mesh(stack.config))
     out = _evaluate_stack(state, images, labels, model=stack.model,
                           batch_size=stack.config.eval_batch_size,
                           batch_sharding=parallel.batch_sharding(mesh),
