@@ -399,6 +399,8 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("sweep", ("--seeds", "2-1"), "--seeds '2-1': the range 2-1 is reversed"),
     ("sweep", ("--chunk", "-1"), "--chunk -1 must be an integer >= 0 (0: automatic)"),
     ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
+    ("sweep", ("--chunk", "3", "--model-parallel", "2", "--schedule", "stack"),
+     "--chunk 3 must be a multiple of --model-parallel 2"),
     ("sweep", ("--search", "random", "--l2", "0,1e-3"), "so the range must lie above 0"),
     ("sweep", ("--search", "tpe", "--dropout", "0.5,0.1"), "the range must be low,high"),
     ("sweep", ("--out", "{file}"), "is a file; choose a directory"),

@@ -110,6 +110,9 @@ class SweepConfig:
                 raise ConfigError(f"--samples {self.samples!r} must be an integer >= 1")
         if not (isinstance(self.chunk, int) and self.chunk >= 0):
             raise ConfigError(f"--chunk {self.chunk!r} must be an integer >= 0 (0: automatic)")
+        if self.chunk % self.train.model_parallel:
+            raise ConfigError(f"--chunk {self.chunk} must be a multiple of --model-parallel "
+                              f"{self.train.model_parallel}")
         if not (isinstance(self.search_seed, int) and self.search_seed >= 0):
             raise ConfigError(f"--search-seed {self.search_seed!r} must be an integer >= 0")
         check_seeds(self.seeds)
@@ -372,9 +375,6 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
     tpe = TPE(config) if config.search == "tpe" else None
     total = len(fixed) if fixed is not None else config.samples + len(originals(config))
     size = config.chunk or auto_chunk(config, total)
-    if config.chunk and config.chunk % config.train.model_parallel:
-        raise ConfigError(f"--chunk {config.chunk} must be a multiple of --model-parallel "
-                          f"{config.train.model_parallel}")
     (out / CHUNKS).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     index, drawn = 0, 0
