@@ -1,6 +1,7 @@
 """The MLP and its dropout against hand-written NumPy."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,10 +140,10 @@ def test_flop_counts_by_hand():
     assert train_flops_per_sample() == 2 * forward + 2 * (256 * 256 + 256 * 10) == 1_211_392
 
 
-def test_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits():
-    """Mixed precision as Keras's mixed_bfloat16: the matmuls in bfloat16, the parameters
-    (so the optimizer state) and the logits float32, the logits within bfloat16's rounding
-    of float32's."""
+def test_bfloat16_rounds_matmul_operands_with_float32_weights_logits_and_state():
+    """Mixed precision: every matmul's operands in bfloat16 with float32 products, the
+    parameters (so the optimizer state) and the logits float32, the logits within bfloat16's
+    rounding of float32's."""
     import optax
 
     x = jax.random.uniform(jax.random.key(1), (64, 784))
@@ -151,9 +152,14 @@ def test_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits():
     assert jax.tree.leaves(bf16.init(jax.random.key(0), x)["params"])[0].dtype == jnp.float32
     assert jax.tree.map(lambda a, b: a.shape == b.shape and bool((a == b).all()),
                         params, bf16.init(jax.random.key(0), x)["params"])
-    jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x))(params))
-    assert jaxpr.count("dot_general") == 3
-    assert all("bf16" in line for line in jaxpr.splitlines() if "dot_general" in line)
+
+    def loss(p):
+        return bf16.apply({"params": p}, x).sum()
+
+    # The forward's 3 products and the 3 kernel and 3 input gradients (the images' one,
+    # unused, XLA drops): each bfloat16 x bfloat16 -> float32.
+    found = _dot_signatures(jax.make_jaxpr(jax.grad(loss))(params))
+    assert len(found) == 9 and set(found) == {("bfloat16", "bfloat16", "float32")}, found
     low = bf16.apply({"params": params}, x)
     high = f32.apply({"params": params}, x)
     assert low.dtype == jnp.float32
@@ -161,6 +167,95 @@ def test_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits():
     np.testing.assert_allclose(low, high, atol=0.05, rtol=0.05)
     state = optax.adam(1e-3).init(params)
     assert {a.dtype for a in jax.tree.leaves(state) if a.ndim} == {jnp.dtype(jnp.float32)}
+
+
+def _dot_signatures(closed_jaxpr) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, out) dtype names of every dot_general in a jaxpr, nested ones included."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in (*e.invars, *e.outvars)))
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+def test_bfloat16_matmul_gradients_match_numpy():
+    """The hand-written gradients of `bfloat16_matmul` against NumPy in float64 on the
+    bfloat16-rounded operands, with two leading batch axes (the reshape of x^T)."""
+    import ml_dtypes
+
+    from mnist_jax.model import bfloat16_matmul
+
+    kx, kw, kc = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 3, 40))
+    w = jax.random.normal(kw, (40, 7))
+    c = jax.random.normal(kc, (2, 3, 7))  # the cotangent, through sum(out * c)
+    out, (dx, dw) = jax.value_and_grad(
+        lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1))(x, w)
+
+    def rounded(a):
+        return np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    xr, wr, cr = rounded(x), rounded(w), rounded(c)
+    np.testing.assert_allclose(out, ((xr @ wr) * np.asarray(c, np.float64)).sum(), rtol=1e-5)
+    np.testing.assert_allclose(dx, cr @ wr.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, xr.reshape(6, 40).T @ cr.reshape(6, 7), rtol=1e-5, atol=1e-5)
+    assert dx.dtype == dw.dtype == jnp.float32
+    # vmapped over models (the stack schedule), each model's gradients are its own
+    xs, ws = jnp.stack([x, -x]), jnp.stack([w, 2 * w])
+    grads = jax.vmap(jax.grad(lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1)))
+    bx, bw = grads(xs, ws)
+    for m in range(2):
+        one = jax.grad(lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1))(
+            xs[m], ws[m])
+        np.testing.assert_allclose(bx[m], one[0], rtol=1e-6)
+        np.testing.assert_allclose(bw[m], one[1], rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled program")
+def test_bfloat16_training_step_compiles_to_bfloat16_products_on_cpu():
+    """In the compiled training gradient every product still takes bfloat16 operands: the
+    kernel gradient's transpose, if XLA folds it back into the product, or a bfloat16
+    result, sends the product to XLA:CPU's float32 fallback (operands converted), which ran
+    slower than float32 itself (docs/benchmarks.md)."""
+    import optax
+
+    model = MLP(dtype="bfloat16", dropout=True)
+    x = jax.random.uniform(jax.random.key(1), (128, 784))
+    y = jnp.arange(128) % 10
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(p):
+        logits = model.apply({"params": p}, x, jnp.array([0.2, 0.2]), train=True,
+                             rngs={"dropout": jax.random.key(2)})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    operands = _compiled_dot_operand_types(hlo)
+    assert len(operands) == 8, hlo
+    assert set(operands) == {("bf16", "bf16")}, operands
+
+
+def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """The operand element types of every dot in an optimized HLO module's text."""
+    import re
+
+    found, types = [], {}
+    for line in hlo.splitlines():
+        if line.rstrip().endswith("{") and "=" not in line.split("(")[0]:
+            types = {}  # a new computation: its own names
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        d = re.search(r" dot\(%([^,\s]+), %([^,\s)]+)\)", line)
+        if d:
+            found.append((types[d.group(1)], types[d.group(2)]))
+    return found
 
 
 def test_matmul_precision_highest_reaches_every_matmul():

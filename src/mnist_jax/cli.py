@@ -86,8 +86,9 @@ def _fit_flags(g) -> None:
     g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
                    help="generator of the dropout masks (default hash: keyed counter hash)")
     g.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
-                   help="float32 (default), or bfloat16 compute with float32 weights and "
-                        "optimizer state (mixed precision, as Keras's mixed_bfloat16)")
+                   help="float32 (default), or bfloat16: every matmul's operands in bfloat16, "
+                        "products accumulated in float32; weights, optimizer state and "
+                        "activations float32 (mixed precision)")
     g.add_argument("--matmul-precision", choices=("default", "highest"), default=None,
                    help="matmuls at XLA's default precision (TF32 on NVIDIA Ampere and "
                         "later GPUs; float32 on CPU) or highest (full float32)")

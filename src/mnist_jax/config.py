@@ -150,7 +150,7 @@ class TrainConfig:
     model_parallel: int = 1  # devices the models axis is sharded over (stack schedule)
     schedule: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
     dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
-    # 'float32', or 'bfloat16': bfloat16 compute, float32 weights and optimizer state.
+    # 'float32', or 'bfloat16': matmul operands in bfloat16, everything else float32.
     precision: str = "float32"
     # 'default' (XLA's: TF32 on NVIDIA Ampere and later, float32 on CPU) or 'highest'.
     matmul_precision: str = "default"
