@@ -509,15 +509,27 @@ def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-def test_initialiser_compiled_cheaply_gives_the_default_compilation_s_state(dropout):
-    """fit's initialiser (on CPU compiled at LLVM level 2, for a third of the compile time)
-    gives bitwise the state that create_train_state compiled with XLA's defaults gives."""
-    model = MLP(dropout=dropout)
-    tx = fit.tx_for(TrainConfig())
-    key, h = fit.run_keys(3)[0], hparams("l2_dropout")
+def test_stack_initialiser_gives_each_model_the_default_compilation_s_state(dropout):
+    """fit's initialiser (one program for the whole stack, on CPU compiled at LLVM level 2,
+    for a third of the compile time) gives each model (s, v) bitwise the state that
+    create_train_state, compiled with XLA's defaults, gives from seed s's init key and
+    variant v's hyperparameters and learning rate; and each seed's run_keys."""
+    variants = [VARIANTS["l2_dropout" if dropout else "l2"],
+                dataclasses.replace(VARIANTS["baseline"], learning_rate=0.01, name="fast")]
+    config, seeds = TrainConfig(), (3, 7)
+    model, state, keys = fit.init_stack(variants, seeds, config)
+    assert model.dropout == dropout
+    tx = fit.tx_for(config)
     default = jax.jit(create_train_state, static_argnames=("model", "tx"))
-    expected = default(key, model=model, tx=tx, hparams=h, learning_rate=1e-3)
-    got = fit._init_state()(key, model=model, tx=tx, hparams=h, learning_rate=1e-3)
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for s, seed in enumerate(seeds):
+        init_key, shuffle_key, dropout_key = fit.run_keys(seed)
+        for got, expected in ((keys.shuffle[s], shuffle_key), (keys.dropout[s], dropout_key)):
+            np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
+        for v, variant in enumerate(variants):
+            expected = default(init_key, model=model, tx=tx, hparams=Hyperparams(
+                jnp.asarray(variant.l2_vector(HIDDEN)), jnp.asarray(variant.dropout_vector(HIDDEN))),
+                learning_rate=variant.learning_rate_or(config.learning_rate))
+            got = jax.tree.map(lambda a, s=s, v=v: a[s, v], state)
+            assert jax.tree.structure(got) == jax.tree.structure(expected)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
