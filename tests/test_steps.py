@@ -526,9 +526,10 @@ def test_stack_initialiser_gives_each_model_the_default_compilation_s_state(drop
         for got, expected in ((keys.shuffle[s], shuffle_key), (keys.dropout[s], dropout_key)):
             np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
         for v, variant in enumerate(variants):
-            expected = default(init_key, model=model, tx=tx, hparams=Hyperparams(
-                jnp.asarray(variant.l2_vector(HIDDEN)), jnp.asarray(variant.dropout_vector(HIDDEN))),
-                learning_rate=variant.learning_rate_or(config.learning_rate))
+            h = Hyperparams(jnp.asarray(variant.l2_vector(HIDDEN)),
+                            jnp.asarray(variant.dropout_vector(HIDDEN)))
+            expected = default(init_key, model=model, tx=tx, hparams=h,
+                               learning_rate=variant.learning_rate_or(config.learning_rate))
             got = jax.tree.map(lambda a, s=s, v=v: a[s, v], state)
             assert jax.tree.structure(got) == jax.tree.structure(expected)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
