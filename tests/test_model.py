@@ -184,48 +184,52 @@ def _dot_signatures(closed_jaxpr) -> list[tuple[str, str, str]]:
     return found
 
 
-def test_bfloat16_matmul_gradients_match_numpy():
-    """The hand-written gradients of `bfloat16_matmul` against NumPy in float64 on the
-    bfloat16-rounded operands, with two leading batch axes (the reshape of x^T)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_gradients_match_numpy(dtype):
+    """The hand-written gradients of `matmul` against NumPy in float64 on the operands
+    rounded to `dtype`, with two leading batch axes (the reshape of x^T), and vmapped over
+    models (the stack schedule)."""
     import ml_dtypes
 
-    from mnist_jax.model import bfloat16_matmul
+    from mnist_jax.model import matmul
 
     kx, kw, kc = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, (2, 3, 40))
     w = jax.random.normal(kw, (40, 7))
     c = jax.random.normal(kc, (2, 3, 7))  # the cotangent, through sum(out * c)
-    out, (dx, dw) = jax.value_and_grad(
-        lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1))(x, w)
+
+    def f(x, w):
+        return (matmul(x, w, jnp.dtype(dtype)) * c).sum()
+
+    out, (dx, dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w)
 
     def rounded(a):
-        return np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
+        a = np.asarray(a)
+        return (a.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else a).astype(np.float64)
 
     xr, wr, cr = rounded(x), rounded(w), rounded(c)
     np.testing.assert_allclose(out, ((xr @ wr) * np.asarray(c, np.float64)).sum(), rtol=1e-5)
     np.testing.assert_allclose(dx, cr @ wr.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, xr.reshape(6, 40).T @ cr.reshape(6, 7), rtol=1e-5, atol=1e-5)
     assert dx.dtype == dw.dtype == jnp.float32
-    # vmapped over models (the stack schedule), each model's gradients are its own
     xs, ws = jnp.stack([x, -x]), jnp.stack([w, 2 * w])
-    grads = jax.vmap(jax.grad(lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1)))
-    bx, bw = grads(xs, ws)
+    bx, bw = jax.vmap(jax.grad(f, argnums=(0, 1)))(xs, ws)
     for m in range(2):
-        one = jax.grad(lambda x, w: (bfloat16_matmul(x, w) * c).sum(), argnums=(0, 1))(
-            xs[m], ws[m])
-        np.testing.assert_allclose(bx[m], one[0], rtol=1e-6)
-        np.testing.assert_allclose(bw[m], one[1], rtol=1e-6)
+        one = jax.grad(f, argnums=(0, 1))(xs[m], ws[m])
+        np.testing.assert_allclose(bx[m], one[0], rtol=1e-5, atol=1e-6)  # rounding only
+        np.testing.assert_allclose(bw[m], one[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled program")
-def test_bfloat16_training_step_compiles_to_bfloat16_products_on_cpu():
-    """In the compiled training gradient every product still takes bfloat16 operands: the
-    kernel gradient's transpose, if XLA folds it back into the product, or a bfloat16
-    result, sends the product to XLA:CPU's float32 fallback (operands converted), which ran
-    slower than float32 itself (docs/benchmarks.md)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_gradient_compiles_to_fast_products_on_cpu(dtype):
+    """In the compiled training gradient every product is XLA:CPU's fast kind: operands of
+    the compute dtype and a row-major left operand. The kernel gradient's transpose, if XLA
+    folds it back into the product, sends it to a slower fallback (in bfloat16 also with its
+    operands converted to float32), as does a bfloat16 result (docs/benchmarks.md)."""
     import optax
 
-    model = MLP(dtype="bfloat16", dropout=True)
+    model = MLP(dtype=None if dtype == "float32" else dtype, dropout=True)
     x = jax.random.uniform(jax.random.key(1), (128, 784))
     y = jnp.arange(128) % 10
     params = model.init(jax.random.key(0), x)["params"]
@@ -236,13 +240,16 @@ def test_bfloat16_training_step_compiles_to_bfloat16_products_on_cpu():
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    operands = _compiled_dot_operand_types(hlo)
-    assert len(operands) == 8, hlo
-    assert set(operands) == {("bf16", "bf16")}, operands
+    dots = _compiled_dots(hlo)
+    kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    assert len(dots) == 8, hlo
+    assert {d[:2] for d in dots} == {(kind, kind)}, dots
+    assert all(d[2] == "1" for d in dots), dots  # the left operand contracted on its last axis
 
 
-def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
-    """The operand element types of every dot in an optimized HLO module's text."""
+def _compiled_dots(hlo: str) -> list[tuple[str, str, str]]:
+    """(lhs type, rhs type, lhs contracting axis) of every dot in an optimized HLO module's
+    text (its 2-D products)."""
     import re
 
     found, types = [], {}
@@ -252,9 +259,9 @@ def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
         if m:
             types[m.group(1)] = m.group(2)
-        d = re.search(r" dot\(%([^,\s]+), %([^,\s)]+)\)", line)
+        d = re.search(r" dot\(%([^,\s]+), %([^,\s)]+)\).*lhs_contracting_dims=\{(\d+)\}", line)
         if d:
-            found.append((types[d.group(1)], types[d.group(2)]))
+            found.append((types[d.group(1)], types[d.group(2)], d.group(3)))
     return found
 
 
@@ -266,11 +273,26 @@ def test_matmul_precision_highest_reaches_every_matmul():
     highest = (jax.lax.Precision.HIGHEST,) * 2
     for precision, is_highest in ((None, False), ("highest", True)):
         model = MLP(precision=precision)
-        with jax.default_matmul_precision("default"):
-            jaxpr = jax.make_jaxpr(lambda p, m=model: m.apply({"params": p}, x))(params)
-        found = [e.params["precision"] for e in jaxpr.jaxpr.eqns
-                 if e.primitive.name == "dot_general"]
-        assert len(found) == 3 and all((p == highest) == is_highest for p in found), found
+        with jax.default_matmul_precision("default"):  # the forward's and gradients' products
+            jaxpr = jax.make_jaxpr(jax.grad(
+                lambda p, m=model: m.apply({"params": p}, x).sum()))(params)
+        found = _dot_params(jaxpr, "precision")
+        assert len(found) == 9 and all((p == highest) == is_highest for p in found), found
+
+
+def _dot_params(closed_jaxpr, name: str) -> list:
+    """Parameter `name` of every dot_general in a jaxpr, nested ones included."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                found.append(e.params[name])
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
 
 
 def test_the_train_config_s_precision_reaches_the_model():

@@ -143,7 +143,8 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
                 dropout_rng=config.dropout_rng,
                 dtype=None if config.precision == "float32" else config.precision,
-                precision=None if config.matmul_precision == "default" else "highest")
+                precision=None if config.matmul_precision == "default" else "highest",
+                row_major_transposes=config.data_parallel == 1 and config.model_parallel == 1)
     state, keys = _init_program()(
         tuple(jax.random.key(seed) for seed in seeds),
         np.array([v.learning_rate_or(config.learning_rate) for v in variants], np.float32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,53 +45,58 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], rng: str = "hash") -> ja
     return _lowbias32(_lowbias32(counter ^ seed[0]) ^ seed[1])
 
 
-def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., K] @ kernel [K, N], accumulated and returned in float32."""
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+def _contract(a: jax.Array, b: jax.Array, dims: tuple[int, int], precision) -> jax.Array:
+    """a @ b over a's axis dims[0] and b's axis dims[1], accumulated and returned in
+    float32."""
+    return jax.lax.dot_general(a, b, (((dims[0],), (dims[1],)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def bfloat16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """float32 x [..., K] @ kernel [K, N] with the operands rounded to bfloat16 and the
-    products accumulated in float32, in the forward pass and in both gradients alike.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul(x: jax.Array, kernel: jax.Array, dtype=jnp.float32, precision=None,
+           row_major: bool = True) -> jax.Array:
+    """float32 x [..., K] @ kernel [K, N], the operands in `dtype` (float32, or bfloat16 for
+    mixed precision), the products accumulated and returned in float32; the gradients'
+    products (g @ kernel^T, x^T @ g) alike, with g in `dtype` too.
 
-    The gradients are written out because XLA:CPU's fast bfloat16 matmul (YNNPACK) takes only
-    bfloat16 x bfloat16 -> float32 products with a row-major left operand: JAX's own
-    transposes give bfloat16 results, and the kernel gradient contracts over the batch, the
-    leading axis of both operands, which XLA folds into a transposed operand; either sends the
-    matmul to XLA's float32 fallback with conversions around it, slower than float32 itself
-    (a 128x784x256 product: 0.23 ms folded, 0.11 ms with the transpose made, 0.20 ms in
-    float32 on a Zen 5; docs/benchmarks.md).
+    The gradients are JAX's own, written out for XLA:CPU, whose fast matmuls (YNNPACK) take a
+    row-major left operand and, in bfloat16, only bfloat16 x bfloat16 -> float32 products.
+    The kernel gradient contracts over the batch, the leading axis of both operands; XLA
+    folds x's transpose into the product, which then runs in XLA's fallback (in bfloat16 with
+    conversions to float32 around it). Made row-major on CPU, the 784x128x256 product ran in
+    0.11 ms instead of 0.23 ms in bfloat16, and the study's float32 epoch 4% faster
+    (docs/benchmarks.md, Zen 5); JAX's transposes also give bfloat16 results, another
+    fallback. `row_major=False` leaves the transpose to XLA: where the batch or the models are
+    split over devices, the SPMD partitioner cannot split the layout constraint and would
+    gather every batch or model onto each device.
     """
-    return _matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    return _contract(x.astype(dtype), kernel.astype(dtype), (x.ndim - 1, 0), precision)
 
 
-def _bfloat16_matmul_fwd(x, kernel):
-    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    return _matmul(xb, kb), (xb, kb)
+def _matmul_fwd(x, kernel, dtype, precision, row_major):
+    xc, kc = x.astype(dtype), kernel.astype(dtype)
+    return _contract(xc, kc, (x.ndim - 1, 0), precision), (xc, kc)
 
 
-def _bfloat16_matmul_bwd(residuals, g):
-    xb, kb = residuals
-    gb = g.astype(jnp.bfloat16)
-    dx = jax.lax.dot_general(gb, kb, (((gb.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    rows = xb.reshape(-1, xb.shape[-1]).T
-    if jax.default_backend() == "cpu":
+def _matmul_bwd(dtype, precision, row_major, residuals, g):
+    xc, kc = residuals
+    gc = g.astype(dtype)
+    dx = _contract(gc, kc, (gc.ndim - 1, 1), precision)
+    rows = xc.reshape(-1, xc.shape[-1]).T
+    if row_major and jax.default_backend() == "cpu":
         # A row-major copy of x^T: without it XLA folds the transpose into the product.
         rows = with_layout_constraint(rows, Layout(major_to_minor=(0, 1)))
-    dkernel = _matmul(rows, gb.reshape(-1, gb.shape[-1]))
+    dkernel = _contract(rows, gc.reshape(-1, gc.shape[-1]), (1, 0), precision)
     return dx, dkernel
 
 
-bfloat16_matmul.defvjp(_bfloat16_matmul_fwd, _bfloat16_matmul_bwd)
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _bfloat16_dot_general(x, kernel, dimension_numbers, precision=None, **_):
-    """`bfloat16_matmul` in the signature nn.Dense calls its `dot_general` with."""
+def _dot_general(x, kernel, dimension_numbers, precision=None, *, dtype, row_major, **_):
+    """`matmul` in the signature nn.Dense calls its `dot_general` with."""
     assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
-    return bfloat16_matmul(x, kernel)
+    return matmul(x, kernel, dtype, precision, row_major)
 
 
 class Dropout(nn.Module):
@@ -122,9 +128,11 @@ class MLP(nn.Module):
     `dropout_rng` chooses the generator of the masks ('hash' or 'threefry', `random_bits`).
     `dtype` None computes in float32; 'bfloat16' is mixed precision: every matmul, forward
     and backward, takes its operands rounded to bfloat16 and accumulates in float32
-    (`bfloat16_matmul`), while parameters, optimizer state, activations, loss and logits stay
+    (`matmul`), while parameters, optimizer state, activations, loss and logits stay
     float32. `precision` is the float32 matmuls' (None: XLA's default, TF32 on recent NVIDIA
-    GPUs; 'highest': full float32).
+    GPUs; 'highest': full float32). `row_major_transposes` (on CPU) copies each kernel
+    gradient's transposed operand row-major, for XLA:CPU's fast products (`matmul`); fit
+    turns it off when a model's batch or the models are split over devices.
     """
 
     hidden: tuple[int, ...] = (256, 256)
@@ -133,6 +141,7 @@ class MLP(nn.Module):
     dropout_rng: str = "hash"
     dtype: str | None = None
     precision: str | None = None
+    row_major_transposes: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, dropout_rates: jax.Array | None = None, *,
@@ -140,10 +149,11 @@ class MLP(nn.Module):
         names = dense_names(self.hidden)
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r}: use None, 'float32' or 'bfloat16'")
+        compute = jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
         dense = dict(kernel_init=glorot_uniform, param_dtype=jnp.float32,
-                     precision=self.precision)
-        if self.dtype == "bfloat16":
-            dense["dot_general"] = _bfloat16_dot_general
+                     precision=None if compute == jnp.bfloat16 else self.precision,
+                     dot_general=functools.partial(_dot_general, dtype=compute,
+                                                   row_major=self.row_major_transposes))
         for i, width in enumerate(self.hidden):
             x = nn.Dense(width, name=names[i], **dense)(x)
             x = nn.relu(x)
