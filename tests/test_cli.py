@@ -3,6 +3,7 @@ messages matter, its entry point in this process, with no process start-up to pa
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,26 @@ def test_data_command_error_is_one_clear_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("mnist-jax: error: data directory")
     assert "Traceback" not in done.stderr
+
+
+def test_the_quick_exit_keeps_buffered_output_and_written_files(mnist, tmp_path):
+    """The command ends with os._exit once main returns (cli.run): stdout to a pipe, block
+    buffered without PYTHONUNBUFFERED, still arrives whole, the figures are on disk whole
+    (each PNG ends with its IEND chunk), and the exit status is main's."""
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mnist_jax.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    done = run("data", "--data-dir", mnist.cache_dir)
+    assert done.returncode == 0, done.stderr
+    assert "60,000 images 28x28" in done.stdout and done.stdout.endswith("\n")
+    done = run("eda", "--data-dir", mnist.cache_dir, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    paths = done.stderr.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths), done.stderr
+    for path in paths:
+        assert Path(path).read_bytes()[-12:] == b"\0\0\0\0IEND\xaeB`\x82"
+    bad = run("eda", "--seed", "-1")
+    assert bad.returncode == 2 and bad.stderr.startswith("mnist-jax: error: --seed -1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import re
 import signal
 import sys
@@ -519,5 +520,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def run() -> None:
+    """The `mnist-jax` command: `main`, then the process ends at once with its exit status.
+
+    When `main` returns, every file is written and closed, the checkpoints' writes waited
+    for and the figure workers gone; what the interpreter would do next is tear down JAX, XLA
+    and their libraries one object at a time: 0.4-0.5 s of a 19 s study on 2 cores (measured,
+    Zen 5), skipped here. An exception still ends the process the usual way, traceback and
+    all.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
