@@ -135,11 +135,12 @@ class MLP(nn.Module):
     `dtype` None computes in float32; 'bfloat16' is mixed precision: every matmul takes its
     operands rounded to bfloat16 and accumulates in float32 (with `matmul` the gradients'
     too; with JAX's gradients their cotangents stay float32), while parameters, optimizer
-    state, activations, loss and logits stay float32. `precision` is the float32 matmuls' (None: XLA's default, TF32 on recent NVIDIA
-    GPUs; 'highest': full float32). `row_major_transposes` (on CPU) computes each Dense with
-    `matmul`, whose kernel gradient takes a row-major copy of its transposed operand for
-    XLA:CPU's fast products; fit turns it off when a model's batch or the models are split
-    over devices, and the products then take JAX's own gradients.
+    state, activations, loss and logits stay float32. `precision` is the float32 matmuls'
+    (None: XLA's default, TF32 on recent NVIDIA GPUs; 'highest': full float32).
+    `row_major_transposes` (on CPU) computes each Dense with `matmul`, whose kernel gradient
+    takes a row-major copy of its transposed operand for XLA:CPU's fast products; fit turns
+    it off when a model's batch or the models are split over devices, and the products then
+    take JAX's own gradients.
     """
 
     hidden: tuple[int, ...] = (256, 256)
