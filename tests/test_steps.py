@@ -534,3 +534,16 @@ def test_stack_initialiser_gives_each_model_the_default_compilation_s_state(drop
             assert jax.tree.structure(got) == jax.tree.structure(expected)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stack_params_picks_the_model_and_refuses_a_seed_it_lacks():
+    """Stack.params (one compiled slice, whose traced index would clamp) gives model (s, v)
+    as indexing gives it, negative indices too, and an IndexError past the last seed."""
+    stack = fit.new_stack([VARIANTS["baseline"], VARIANTS["l2"]], (0, 1), TrainConfig())
+    for seed_index, s in ((0, 0), (1, 1), (-1, 1)):
+        got = stack.params("l2", seed_index)
+        expected = jax.tree.map(lambda a, s=s: a[s, 1], stack.state.params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(IndexError, match="seed_index 2"):
+        stack.params("l2", 2)

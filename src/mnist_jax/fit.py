@@ -91,6 +91,9 @@ class Stack:
     def params(self, variant: str, seed_index: int = 0):
         """The parameters of one model of the stack."""
         v = [x.name for x in self.variants].index(variant)
+        if not -len(self.seeds) <= seed_index < len(self.seeds):  # a traced index would clamp
+            raise IndexError(f"seed_index {seed_index} is out of range for "
+                             f"{len(self.seeds)} seed(s)")
         return _model_of(self.state.params, seed_index, v)
 
 
