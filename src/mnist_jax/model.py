@@ -52,6 +52,11 @@ def _contract(a: jax.Array, b: jax.Array, dims: tuple[int, int], precision) -> j
                                preferred_element_type=jnp.float32)
 
 
+def _product(x: jax.Array, kernel: jax.Array, dtype, precision) -> jax.Array:
+    """x [..., K] @ kernel [K, N] with both operands in `dtype`, in float32."""
+    return _contract(x.astype(dtype), kernel.astype(dtype), (x.ndim - 1, 0), precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def matmul(x: jax.Array, kernel: jax.Array, dtype=jnp.float32, precision=None,
            row_major: bool = True) -> jax.Array:
@@ -70,12 +75,12 @@ def matmul(x: jax.Array, kernel: jax.Array, dtype=jnp.float32, precision=None,
     split over devices, the SPMD partitioner cannot split the layout constraint and would
     gather every batch or model onto each device.
     """
-    return _contract(x.astype(dtype), kernel.astype(dtype), (x.ndim - 1, 0), precision)
+    return _product(x, kernel, dtype, precision)
 
 
 def _matmul_fwd(x, kernel, dtype, precision, row_major):
     xc, kc = x.astype(dtype), kernel.astype(dtype)
-    return _contract(xc, kc, (x.ndim - 1, 0), precision), (xc, kc)
+    return _product(xc, kc, dtype, precision), (xc, kc)
 
 
 def _matmul_bwd(dtype, precision, row_major, residuals, g):
@@ -103,7 +108,7 @@ def _dot_general(x, kernel, dimension_numbers, precision=None, *, dtype, row_maj
     assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
     if row_major and jax.default_backend() == "cpu":
         return matmul(x, kernel, dtype, precision, row_major)
-    return _contract(x.astype(dtype), kernel.astype(dtype), (x.ndim - 1, 0), precision)
+    return _product(x, kernel, dtype, precision)
 
 
 class Dropout(nn.Module):
