@@ -32,7 +32,8 @@ def main() -> None:
     data = fit.epoch_data(splits, mesh)
     state = parallel.put(stack.state, mesh)
     keys = parallel.put(stack.keys, mesh)
-    run, compile_s = timed(fit._epoch_runner, stack, state, keys, data, mesh)
+    runner, compile_s = timed(fit._runner, stack, state, keys, data, mesh)
+    run = runner.epoch
     t = time_epochs(run, state, args.repeats)
     n = len(splits.train_images) + len(splits.val_images)
     print(json.dumps({"devices": jax.device_count(), "data_parallel": args.data_parallel,

@@ -53,16 +53,17 @@ def matmul_peak(results: Results, sizes: tuple[int, ...], repeats: int) -> tuple
 
 
 def _train_only(splits: fit.Splits) -> EpochData:
-    empty = np.zeros((0, 784), np.float32)
-    return fit.epoch_data(fit.Splits(splits.train_images, splits.train_labels, empty,
-                                     np.zeros((0, 10), np.float32), empty, empty))
+    """The training rows alone on the device: an epoch without validation."""
+    return jax.device_put(EpochData(splits.train_images, splits.train_labels,
+                                    n_train=len(splits.train_images), n_val=0))
 
 
 def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
-    """A fresh stack and its epoch runner, compiled as `fit` compiles it (timed apart)."""
+    """A fresh stack and its epoch (with its validation, if `data` has some), compiled as
+    `fit` compiles it (timed apart)."""
     stack = fit.new_stack(variants, seeds, config, 60000)
-    run, compile_s = timed(fit._epoch_runner, stack, stack.state, stack.keys, data, None)
-    return stack, run, compile_s
+    runner, compile_s = timed(fit._runner, stack, stack.state, stack.keys, data, None)
+    return stack, runner.epoch, compile_s
 
 
 def _utilisation(gflops: float, peak: float, yardstick: Yardstick | None) -> dict[str, float]:
@@ -112,8 +113,7 @@ def optimizer_cost(results: Results, splits: fit.Splits, peak: float, repeats: i
     stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate)
     optax_adam = fit.tx_for(dataclasses.replace(config, optimizer="adam"))
-    static = dict(model=stack.model, batch_size=config.batch_size,
-                  eval_batch_size=config.eval_batch_size, batch_sharding=None)
+    static = dict(model=stack.model, batch_size=config.batch_size, batch_sharding=None)
     adam_s = None
     for name, tx in (("keras-adam", fit.tx_for(config)), ("adam", optax_adam), ("sgd", sgd)):
         state = stack.state.replace(opt_state=jax.vmap(jax.vmap(tx.init))(stack.state.params))

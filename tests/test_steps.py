@@ -480,14 +480,14 @@ def test_epoch_updates_the_weights_in_place(small, variants):
     stack = fit.new_stack([VARIANTS[n] for n in variants], (0,), TrainConfig())
     data = fit.epoch_data(small)
     static = dict(model=stack.model, tx=fit.tx_for(stack.config), batch_size=128,
-                  eval_batch_size=2000, batch_sharding=None)
+                  batch_sharding=None)
     copies = r"f32\[(\d+,)*(784,256|256,256)\]\{[\d,]+\} copy\("
     if jax.default_backend() == "cpu" and len(variants) == 1:  # the pattern finds copies
         plain = fit._train_epoch.lower(stack.state, stack.keys, data, jnp.int32(0), **static)
         assert re.search(copies, plain.compile().as_text())
     tuned = fit.compile_epoch(stack.state, stack.keys, data, jnp.int32(0), **static).as_text()
     assert not re.search(copies, tuned)
-    if len(variants) > 1:  # (validation, after the loop, rightly shares its batch)
+    if len(variants) > 1:
         wide = len(variants) * 256
         loop = [line for line in tuned.splitlines() if "train_epoch)/while/body" in line]
         assert loop and not [line for line in loop if f"[784,{wide}]" in line
@@ -495,15 +495,20 @@ def test_epoch_updates_the_weights_in_place(small, variants):
 
 
 def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
-    """Compiled once per process: another seed, variant or learning rate reuses the program;
-    another batch size (other shapes) compiles its own."""
+    """Compiled once per process: another seed, variant or learning rate reuses the programs;
+    another batch size (other shapes) compiles its own epoch, and shares the evaluation (an
+    evaluation batch no other test uses, so that this test compiles it first)."""
     before = fit._program_slot.cache_info()
-    a = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=80), progress=False)
-    b = fit.train(small, "baseline", TrainConfig(epochs=1, batch_size=80, learning_rate=3e-3),
+    a = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=80, eval_batch_size=1234),
+                  progress=False)
+    b = fit.train(small, "baseline", TrainConfig(epochs=1, batch_size=80, learning_rate=3e-3,
+                                                 eval_batch_size=1234),
                   seed=7, progress=False)
-    c = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=112), progress=False)
+    c = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=112, eval_batch_size=1234),
+                  progress=False)
     after = fit._program_slot.cache_info()
-    assert (after.misses - before.misses, after.hits - before.hits) == (2, 1)
+    # misses: a's epoch and evaluation, c's epoch; hits: b's two, c's evaluation
+    assert (after.misses - before.misses, after.hits - before.hits) == (3, 3)
     losses = [a.history["loss"], b.history["loss"], c.history["loss"]]
     assert all(x != y for x, y in itertools.combinations(losses, 2))
 
@@ -547,3 +552,85 @@ def test_stack_params_picks_the_model_and_refuses_a_seed_it_lacks():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(IndexError, match="seed_index 2"):
         stack.params("l2", 2)
+
+
+def test_one_evaluation_program_reads_any_range_of_rows_as_numpy_does(splits):
+    """`evaluate_rows` with traced bounds: chunks of 200 rows, a last chunk that reaches back
+    from the array's end (the rows before it must not count twice), a range shorter than a
+    chunk, a chunk larger than the array, and no rows at all (NaN). One compiled program
+    per array and chunk size, whatever the range."""
+    model, state = state_for("l2", seed=2)
+    images, labels = jnp.asarray(splits.train_images[:1000]), jnp.asarray(
+        splits.train_labels[:1000])
+    l2 = VARIANTS["l2"].l2_vector(HIDDEN)
+    run = jax.jit(steps.evaluate_rows, static_argnames=("model", "batch_size"))
+    for start, count in [(0, 1000), (130, 457), (995, 5), (700, 300), (0, 1), (250, 0)]:
+        out = run(state, images, labels, np.int32(start), np.int32(count), model=model,
+                  batch_size=200)
+        if not count:
+            assert all(np.isnan(float(out[k])) for k in ("loss", "cross_entropy", "accuracy"))
+            continue
+        ce, penalty, acc = numpy_metrics(state.params, splits.train_images[start:start + count],
+                                         splits.train_labels[start:start + count], l2)
+        np.testing.assert_allclose(float(out["cross_entropy"]), ce, rtol=2e-6)
+        np.testing.assert_allclose(float(out["loss"]), ce + penalty, rtol=2e-6)
+        assert float(out["accuracy"]) == pytest.approx(acc, abs=1e-7), (start, count)
+    assert run._cache_size() == 1
+    wide = run(state, images[:150], labels[:150], np.int32(10), np.int32(140), model=model,
+               batch_size=200)  # the chunk is the whole array
+    ce, _, acc = numpy_metrics(state.params, splits.train_images[10:150],
+                               splits.train_labels[10:150], l2)
+    np.testing.assert_allclose(float(wide["cross_entropy"]), ce, rtol=2e-6)
+    assert float(wide["accuracy"]) == pytest.approx(acc, abs=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["stack", "concurrent"])
+def test_stack_evaluate_reads_fit_s_rows_with_fit_s_programs(small, schedule, caplog):
+    """After `fit`, every model's test and training metrics come from the rows already on
+    the device and the evaluation program compiled with the epoch: nothing compiles, and each
+    model's numbers are a NumPy forward pass's."""
+    names = ("baseline", "l2")
+    chunk = {"stack": 300, "concurrent": 310}[schedule]  # programs no other test compiled
+    stack = fit.new_stack([VARIANTS[n] for n in names], (0, 3),
+                          TrainConfig(epochs=1, schedule=schedule, eval_batch_size=chunk), 2500)
+    with pytest.raises(ValueError, match="call fit.fit"):
+        stack.evaluate("test")
+    fit.fit(stack, small, progress=False)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        test, train = stack.evaluate("test"), stack.evaluate("train")
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+    for v, name in enumerate(names):
+        l2 = VARIANTS[name].l2_vector(HIDDEN)
+        for s in range(2):
+            params = stack.params(name, s)
+            for got, images, labels in ((test, small.test_images, small.test_labels),
+                                        (train, small.train_images, small.train_labels)):
+                ce, penalty, acc = numpy_metrics(params, images, labels, l2)
+                np.testing.assert_allclose(got["loss"][s, v], ce + penalty, rtol=2e-6)
+                assert got["accuracy"][s, v] == pytest.approx(acc, abs=1e-7)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        stack.evaluate("val")
+
+
+def test_prepared_rows_reach_the_cpu_device_without_a_copy(mnist, splits):
+    """`prepare` leaves the rows back to back in one read-only, 64-byte aligned buffer, which
+    XLA:CPU uses in place; the rows are Keras's, train, validation, test in order. A Splits of
+    separate arrays is copied into one, in the same order."""
+    data = fit.epoch_data(splits)
+    assert not splits.train_images.flags.writeable and not splits.test_labels.flags.writeable
+    if jax.default_backend() == "cpu":
+        assert data.images.unsafe_buffer_pointer() == splits.train_images.ctypes.data
+        assert data.labels.unsafe_buffer_pointer() == splits.train_labels.ctypes.data
+    keras = np.concatenate([mnist.train_images, mnist.test_images]).reshape(70000, 784)
+    np.testing.assert_array_equal(np.asarray(data.images), keras.astype("float32") / 255)
+    labels = np.concatenate([mnist.train_labels, mnist.test_labels])
+    np.testing.assert_array_equal(np.asarray(data.labels).argmax(1), labels)
+    assert [data.rows(s) for s in ("train", "validation", "test")] == [
+        (0, 42000), (42000, 18000), (60000, 10000)]
+    own = fit.Splits(*(np.array(a[:7]) for a in (
+        splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
+        splits.test_images, splits.test_labels)))
+    placed = fit.epoch_data(own)
+    np.testing.assert_array_equal(np.asarray(placed.images), np.concatenate(
+        [splits.train_images[:7], splits.val_images[:7], splits.test_images[:7]]))
+    assert (placed.n_train, placed.n_val, len(placed.images)) == (7, 7, 21)

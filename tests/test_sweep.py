@@ -133,7 +133,7 @@ def test_models_split_over_four_devices_train_as_on_one(small):
     epoch = fit.compile_epoch(
         fit.place_state(stack.state, stack.config), parallel.put(stack.keys, mesh),
         fit.epoch_data(small, mesh), jax.numpy.asarray(0, jax.numpy.int32), model=stack.model,
-        tx=fit.tx_for(stack.config), batch_size=128, eval_batch_size=2000,
+        tx=fit.tx_for(stack.config), batch_size=128,
         batch_sharding=None, loss_form="logits", halt_on_divergence=False,
         models_sharding=parallel.models_sharding(mesh))
     collectives = re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|"

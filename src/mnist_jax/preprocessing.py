@@ -14,9 +14,10 @@ def flatten(images_u8: np.ndarray) -> np.ndarray:
     return images_u8.reshape(images_u8.shape[0], -1)
 
 
-def scale(images_u8: np.ndarray) -> np.ndarray:
-    """uint8 in 0..255 -> float32 in [0, 1]."""
-    return images_u8.astype(np.float32) / np.float32(255)
+def scale(images_u8: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 in 0..255 -> float32 in [0, 1], Keras's `x.astype("float32") / 255` bit for bit,
+    into `out` if given (one pass, no temporary)."""
+    return np.divide(images_u8, np.float32(255), out=out, dtype=np.float32)
 
 
 def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:

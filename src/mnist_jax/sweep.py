@@ -241,9 +241,9 @@ def _padded(points: list[Variant], multiple: int) -> list[Variant]:
 
 # --- results of one chunk ----------------------------------------------------------------------
 
-def chunk_results(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
+def chunk_results(stack: fit.Stack) -> dict[str, Any]:
     """Each real configuration's runs (seed, history, test metrics) and divergences."""
-    test = fit.evaluate_models(stack, splits.test_images, splits.test_labels)
+    test = stack.evaluate("test")
     out = {}
     for v, variant in enumerate(stack.variants):
         if variant.name.startswith("_pad"):
@@ -445,7 +445,7 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
         for d in stack.diverged:
             echo(f"{d['variant']} (seed {d['seed']}) diverged at epoch {d['epoch']}, step "
                  f"{d['step']}; it is excluded from the choice")
-        results = chunk_results(stack, splits)
+        results = chunk_results(stack)
         seconds = time.perf_counter() - t0
     finally:
         mgr.close()
