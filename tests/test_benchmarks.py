@@ -103,3 +103,32 @@ def test_peers_report_each_missing_stack_and_save_after_each(monkeypatch):
     assert records[1]["skipped"] == ("not installed: keras, tensorflow "
                                      "(pip install -e '.[peers]')")
     assert saved == [1, 2, 3, 4], "saved after every peer, the skipped ones too"
+
+
+@pytest.mark.slow  # four one-epoch studies in fresh processes (40 s)
+def test_ab_runs_each_version_s_own_code_cold_then_warm(mnist, tmp_path):
+    """`benchmarks.ab` against HEAD: every run imports the version it is recorded as (the
+    other revision from its worktree, which is removed afterwards), cold before warm, the
+    order alternating, and the rest is what compile and train leave of the process."""
+    out = tmp_path / "ab.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.ab", "HEAD", "--rounds", "1",
+                           "--epochs", "1", "--data-dir", str(mnist.cache_dir), "--out",
+                           str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=cli_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["cache"], r["version"]) for r in rows] == [
+        ("cold", "HEAD"), ("cold", "this tree"), ("warm", "HEAD"), ("warm", "this tree")]
+    for r in rows:
+        src = ROOT / "src" if r["version"] == "this tree" else None
+        module = Path(r["module"])
+        assert (module.is_relative_to(src) if src else not module.is_relative_to(ROOT / "src"))
+        assert r["rest_s"] == pytest.approx(r["wall_s"] - r["compile_s"] - r["train_s"])
+        assert 0 < r["compile_s"] and 0 < r["train_s"] < r["wall_s"]
+    warm = [r for r in rows if r["cache"] == "warm"]
+    assert all(w["compile_s"] < c["compile_s"] for w, c in zip(warm, rows[:2], strict=True))
+    assert set(result["medians"]) == {"cold/HEAD", "cold/this tree", "warm/HEAD",
+                                      "warm/this tree"}
+    assert "mnist-jax-ab-" not in subprocess.run(["git", "-C", str(ROOT), "worktree", "list"],
+                                                 capture_output=True, text=True).stdout
