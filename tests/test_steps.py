@@ -21,7 +21,7 @@ from mnist_jax.steps import (
     Hyperparams,
     create_train_state,
     epoch_batches,
-    evaluate_arrays,
+    evaluate_rows,
     l2_penalty,
     loss_fn,
     optimizer,
@@ -296,8 +296,9 @@ def test_epoch_visits_each_training_sample_exactly_once(small):
     of the training set evaluated in one pass: a sample skipped or repeated would show."""
     config = TrainConfig(epochs=1, learning_rate=0.0, batch_size=96)
     result = fit.train(small, "l2", config, progress=False)
-    full = evaluate_arrays(result.state, jnp.asarray(small.train_images),
-                           jnp.asarray(small.train_labels), model=result.model, batch_size=700)
+    n = len(small.train_images)
+    full = evaluate_rows(result.state, jnp.asarray(small.train_images),
+                         jnp.asarray(small.train_labels), 0, n, model=result.model, batch_size=700)
     assert result.history["loss"][0] == pytest.approx(float(full["loss"]), rel=1e-5)
     assert result.history["accuracy"][0] == pytest.approx(float(full["accuracy"]), abs=1e-6)
 
