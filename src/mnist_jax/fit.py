@@ -48,7 +48,9 @@ HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "cross_entropy",
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Splits:
-    """Preprocessed host arrays: images (N, 784) float32 in [0, 1], labels (N, 10) one-hot."""
+    """Preprocessed host arrays: images (N, 784) float32 in [0, 1], labels (N, 10) one-hot.
+    `prepare`'s are read-only (the CPU device may share their memory); `np.array(x)` gives
+    a copy to change."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
