@@ -214,3 +214,14 @@ def test_a_killed_main_process_leaves_no_renderer_behind():
     while any(running(p) for p in workers):
         assert time.monotonic() < deadline, "a worker outlived the main process"
         time.sleep(0.1)
+
+
+def test_figure_workers_run_below_the_main_process():
+    """The workers yield the cores to the compiler and the evaluation (os.nice)."""
+    import os
+
+    from mnist_jax.render import NICENESS, Renderer
+
+    with Renderer(workers=1) as r:
+        assert r.pool is not None
+        assert r.pool.submit(os.nice, 0).result() == min(19, os.nice(0) + NICENESS)
