@@ -212,7 +212,7 @@ def test_metrics_on_all_training_images_match_numpy(splits):
                        splits.test_images[:500], splits.test_labels[:500])
     stack = fit.train_stack(small, [VARIANTS["l2"], VARIANTS["dropout"]], (0,),
                             TrainConfig(epochs=1), progress=False)
-    results = experiment.collect(stack, small)
+    results = experiment.collect(stack)
     x = np.concatenate([small.train_images, small.val_images]).astype(np.float64)
     y = np.concatenate([small.train_labels, small.val_labels]).argmax(1)
     for name, coef in (("l2", 1e-3), ("dropout", 0.0)):

@@ -119,10 +119,11 @@ def _final(history: Mapping[str, list[float]], key: str) -> float:
     return history[key][-1]
 
 
-def collect(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
-    """Per-variant results (histories, test and full-train metrics, statistics over seeds)."""
+def collect(stack: fit.Stack) -> dict[str, Any]:
+    """Per-variant results (histories, test and full-train metrics, statistics over seeds) of
+    a stack `fit` has trained in this process."""
     test = stack.evaluate("test")
-    full = _all_training_images(stack, splits)
+    full = _all_training_images(stack)
     n_models = len(stack.seeds) * len(stack.variants)
     variants = {}
     for v, variant in enumerate(stack.variants):
@@ -156,7 +157,7 @@ def collect(stack: fit.Stack, splits: fit.Splits) -> dict[str, Any]:
     return variants
 
 
-def _all_training_images(stack: fit.Stack, splits: fit.Splits) -> dict[str, np.ndarray]:
+def _all_training_images(stack: fit.Stack) -> dict[str, np.ndarray]:
     """Every model's metrics on all 60k training images, the validation part included.
 
     The validation part's are the last epoch's, computed with the final weights; so only the
@@ -164,7 +165,7 @@ def _all_training_images(stack: fit.Stack, splits: fit.Splits) -> dict[str, np.n
     sending 188 MB again took 0.4 s of 0.9 s).
     """
     train = stack.evaluate("train")
-    n_train, n_val = len(splits.train_images), len(splits.val_images)
+    n_train, n_val = stack.data.n_train, stack.data.n_val
     if not n_val:
         return train
     val = {key: np.array([[stack.histories[v.name][s][f"val_{key}"][-1] for v in stack.variants]
@@ -274,7 +275,7 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     curves = history_figures(stack, out, renderer) if primary else {}  # drawn as we evaluate
 
     with timed(parts, "evaluate"):  # test set and all 60k training images, every model
-        results_variants = collect(stack, splits)
+        results_variants = collect(stack)
     selection = select(results_variants)
     best = selection["variant"]
     with timed(parts, "figures"):  # the rest drawn, and all written
