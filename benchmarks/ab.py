@@ -29,6 +29,11 @@ def _git(*args: str) -> str:
                           check=True).stdout.strip()
 
 
+def _package_root(tree: Path) -> Path:
+    """Where a revision keeps the package: the repository root, or src/ before the move."""
+    return tree / "src" if (tree / "src" / "mnist_jax").is_dir() else tree
+
+
 def _imported_from(env: dict) -> str:
     """Where `import mnist_jax` resolves with this environment."""
     return subprocess.run([sys.executable, "-c", "import mnist_jax; print(mnist_jax.__file__)"],
@@ -61,7 +66,7 @@ def compare(revision: str, rounds: int, epochs: int, data_dir: str | None = None
         tree = tmp / "other"
         _git("worktree", "add", "--detach", str(tree), revision)
         try:
-            versions = {revision: tree / "src", "this tree": ROOT / "src"}
+            versions = {revision: _package_root(tree), "this tree": ROOT}
             rows = []
             for r in range(rounds):
                 order = list(versions) if r % 2 == 0 else list(reversed(versions))
