@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         else:  # up to where the vmapped stack saturates the device; N single runs up to 16
             suite.stacks(results, splits, peak, (1, 4, 16), stack_repeats, yardstick=yardstick)
             suite.stacks(results, splits, peak, (64, 256, 1024), stack_repeats,
-                         schedules=("stack",), yardstick=yardstick)
+                         placements=("stack",), yardstick=yardstick)
         save()
     ours = None
     if "study" not in skip:

@@ -33,13 +33,13 @@ def figure(results: Results) -> Figure:
                      title="compiled epoch, baseline (labels: share of the matmul peak)")
         ax_sweep.grid(alpha=0.3)
 
-    for schedule, style in (("stack", "o-"), ("sequential", "s--"), ("concurrent", "^-")):
+    for placement, style in (("stack", "o-"), ("sequential", "s--"), ("concurrent", "^-")):
         rows = sorted((r for r in results.find("stack")
-                       if r["schedule"] == schedule or r["models"] == 1),
+                       if r["placement"] == placement or r["models"] == 1),
                       key=lambda r: r["models"])
         if rows:
             ax_stack.plot([r["models"] for r in rows], [r["samples_per_s"] for r in rows],
-                          style, label=schedule)
+                          style, label=placement)
     sizes = sorted({r["models"] for r in results.find("stack")})
     ax_stack.set(xscale="log", xticks=sizes, xticklabels=[str(n) for n in sizes],
                  xlabel="models trained together",

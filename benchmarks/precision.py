@@ -19,12 +19,12 @@ def ours(precision: str, seeds: tuple[int, ...], epochs: int) -> dict:
     from mnist_jax.data import load_mnist
 
     splits = fit.prepare(load_mnist(), 0.3)
-    config = TrainConfig(epochs=epochs, precision=precision)
+    config = TrainConfig(epochs=epochs, dtype=precision)
     stack = fit.train_stack(splits, list(VARIANTS.values()), seeds, config, progress=False)
     test = fit.evaluate_models(stack, splits.test_images, splits.test_labels)
     n_models = len(seeds) * len(VARIANTS)
     return {"stack": "mnist_jax", "precision": precision, "epochs": epochs,
-            "seeds": list(seeds), "models": n_models, "schedule": fit.schedule(config),
+            "seeds": list(seeds), "models": n_models, "placement": fit.placement(config),
             "compile_seconds": stack.compile_seconds, "train_seconds": stack.train_seconds,
             "seconds_per_model_epoch": stack.train_seconds / (n_models * epochs),
             "test_accuracy": {name: test["accuracy"][:, v].tolist()

@@ -169,9 +169,9 @@ def regularisation_costs(results: Results) -> None:
 
 
 def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: int,
-           schedules=("stack", "sequential", "concurrent"),
+           placements=("stack", "sequential", "concurrent"),
            yardstick: Yardstick | None = None) -> None:
-    """N models trained together, per schedule: one vmapped program ('stack'), the
+    """N models trained together, per placement: one vmapped program ('stack'), the
     single-model program once per model ('sequential'), or those programs several at once
     from host threads ('concurrent', the CPU default). Models 1..N are the study's variants
     (then seeds), training epochs only, timed as `fit` runs them (slicing and merging the
@@ -183,14 +183,14 @@ def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: in
         variants = [VARIANTS[names[i % len(names)]] for i in range(min(size, len(names)))]
         seeds = tuple(range(-(-size // len(variants))))
         models = len(variants) * len(seeds)
-        for schedule in schedules if models > 1 else ("sequential",):
+        for placement in placements if models > 1 else ("sequential",):
             stack, run, compile_s = _epoch_program(variants, seeds,
-                                                   TrainConfig(schedule=schedule), data)
+                                                   TrainConfig(placement=placement), data)
             t = time_epochs(run, stack.state, repeats, yardstick and yardstick.window().sample)
             samples_per_s = models * n / t["min_s"]
             gflops = samples_per_s * train_flops_per_sample() / 1e9
-            results.add("stack", schedule=schedule, models=models,
-                        workers=fit.workers(models) if schedule == "concurrent" else 1,
+            results.add("stack", placement=placement, models=models,
+                        workers=fit.workers(models) if placement == "concurrent" else 1,
                         compile_s=compile_s, samples_per_s=samples_per_s,
                         samples_per_s_per_model=samples_per_s / models,
                         **_utilisation(gflops, peak, yardstick), **t)
@@ -228,7 +228,7 @@ def study(results: Results, data_dir: str | None, epochs: int) -> dict | None:
                 fit_equivalent_s=timing["compile_seconds"] + timing["train_seconds"],
                 process_seconds=timing.get("process_seconds"),
                 parts_seconds=timing.get("parts_seconds"),
-                schedule=metrics["timing"].get("schedule"),
+                placement=metrics["timing"].get("placement"),
                 test_accuracy={n: v["test"]["accuracy"] for n, v in metrics["variants"].items()})
             first = first or record
     return first

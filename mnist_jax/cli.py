@@ -11,6 +11,15 @@ import signal
 import sys
 from pathlib import Path
 
+from mnist_jax.config import (
+    DROPOUT_RNGS,
+    DTYPES,
+    LOSS_FORMS,
+    MATMUL_PRECISIONS,
+    OPTIMIZERS,
+    PLACEMENTS,
+    TrainConfig,
+)
 from mnist_jax.errors import (
     ConfigError,
     Interrupted,
@@ -58,41 +67,38 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     _output(parser)
 
 
+def _default(field: str):
+    return getattr(TrainConfig(), field)
+
+
+def _choice(g, field: str, choices, what: str, *aliases: str) -> None:
+    """A flag whose choices, default and help come from config's table of them."""
+    flag = "--" + field.replace("_", "-")
+    listed = "; ".join(f"{name}: {meaning}" for name, meaning in choices.items())
+    g.add_argument(flag, *aliases, dest=field, choices=tuple(choices), default=None,
+                   help=f"{what} (default {_default(field)}). {listed}")
+
+
 def _fit_flags(g) -> None:
     """The flags of how each model is trained, shared by train, experiment and sweep."""
     g.add_argument("--epochs", type=_number(int, "--epochs", "an integer >= 1"),
-                   help="epochs (default 20)")
+                   help=f"epochs (default {_default('epochs')})")
     g.add_argument("--batch-size", type=_number(int, "--batch-size", "an integer >= 1"),
-                   help="batch size (default 128)")
+                   help=f"batch size (default {_default('batch_size')})")
     g.add_argument("--validation-split",
                    type=_number(float, "--validation-split", "a number in [0, 1)"),
-                   help="last fraction of the training set held out (default 0.3)")
-    g.add_argument("--optimizer", choices=("keras-adam", "adam"), default=None,
-                   help="Adam as Keras computes it (keras-adam, the default: eps added to the "
-                        "uncorrected sqrt(v)) or optax's adam (eps added to the bias-corrected "
-                        "sqrt(v))")
-    g.add_argument("--loss", choices=("logits", "clipped"), default=None,
-                   help="cross-entropy from the logits (default, as Keras on TensorFlow) or "
-                        "from clipped probabilities (as Keras on JAX and PyTorch), in training "
-                        "and evaluation alike")
+                   help="last fraction of the training set held out (default "
+                        f"{_default('validation_split')})")
+    _choice(g, "optimizer", OPTIMIZERS, "the Adam")
+    _choice(g, "loss", LOSS_FORMS, "the cross-entropy, in training and evaluation")
     g.add_argument("--eval-batch-size", type=_number(int, "--eval-batch-size",
                                                      "an integer >= 1"),
-                   help="evaluation chunk (default 2000)")
-    g.add_argument("--schedule", choices=("auto", "stack", "sequential", "concurrent"),
-                   default=None,
-                   help="run the models vmapped in one step (stack), one after another with "
-                        "the same program (sequential), or that program several at once from "
-                        "host threads (concurrent); default auto: concurrent on CPU, stack "
-                        "on accelerators")
-    g.add_argument("--dropout-rng", choices=("hash", "threefry"), default=None,
-                   help="generator of the dropout masks (default hash: keyed counter hash)")
-    g.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
-                   help="float32 (default), or bfloat16: every matmul's operands in bfloat16, "
-                        "products accumulated in float32; weights, optimizer state and "
-                        "activations float32 (mixed precision)")
-    g.add_argument("--matmul-precision", choices=("default", "highest"), default=None,
-                   help="matmuls at XLA's default precision (TF32 on NVIDIA Ampere and "
-                        "later GPUs; float32 on CPU) or highest (full float32)")
+                   help=f"evaluation chunk (default {_default('eval_batch_size')})")
+    _choice(g, "placement", PLACEMENTS, "how the models of a stack share the devices",
+            "--schedule")
+    _choice(g, "dropout_rng", DROPOUT_RNGS, "generator of the dropout masks")
+    _choice(g, "dtype", DTYPES, "the matmuls' operand dtype", "--precision")
+    _choice(g, "matmul_precision", MATMUL_PRECISIONS, "float32 matmuls' precision")
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -250,8 +256,8 @@ def _train_given(args) -> dict:
     """TrainConfig fields given on the command line (the shared training flags)."""
     given = {"epochs": args.epochs, "batch_size": args.batch_size,
              "validation_split": args.validation_split, "eval_batch_size": args.eval_batch_size,
-             "schedule": args.schedule, "dropout_rng": args.dropout_rng,
-             "optimizer": args.optimizer, "loss": args.loss, "precision": args.precision,
+             "placement": args.placement, "dropout_rng": args.dropout_rng,
+             "optimizer": args.optimizer, "loss": args.loss, "dtype": args.dtype,
              "matmul_precision": args.matmul_precision}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -10,10 +10,40 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mnist_jax.errors import ConfigError
-from mnist_jax.model import dense_names
-from mnist_jax.optim import OPTIMIZERS
 
-LOSS_FORMS = ("logits", "clipped")  # steps.cross_entropy's forms
+# Every choice a setting takes, with the line of help the CLI shows for it.
+OPTIMIZERS: Mapping[str, str] = types.MappingProxyType({
+    "keras-adam": "Adam as Keras computes it: eps added to the uncorrected sqrt(v)",
+    "adam": "optax's adam: eps added to the bias-corrected sqrt(v_hat)",
+})
+LOSS_FORMS: Mapping[str, str] = types.MappingProxyType({
+    "logits": "the cross-entropy from the logits, as Keras on TensorFlow computes it",
+    "clipped": "from clipped probabilities, as Keras on JAX and PyTorch compute it",
+})
+PLACEMENTS: Mapping[str, str] = types.MappingProxyType({
+    "auto": "concurrent on CPU (sequential with --data-parallel), stack on accelerators",
+    "stack": "every model vmapped in one step",
+    "sequential": "one model after another, each with the same single-model program",
+    "concurrent": "that program for several models at once, from one host thread per core",
+})
+DTYPES: Mapping[str, str] = types.MappingProxyType({
+    "float32": "everything in float32",
+    "bfloat16": "matmul operands in bfloat16, products accumulated in float32; weights, "
+                "optimizer state and activations float32 (mixed precision)",
+})
+MATMUL_PRECISIONS: Mapping[str, str] = types.MappingProxyType({
+    "default": "XLA's default: TF32 on NVIDIA Ampere and later GPUs, float32 on CPU",
+    "highest": "full float32 matmuls everywhere",
+})
+DROPOUT_RNGS: Mapping[str, str] = types.MappingProxyType({
+    "hash": "a counter-based hash keyed by the explicit key (cheap on CPU)",
+    "threefry": "jax.random.bits",
+})
+
+
+def dense_names(hidden: tuple[int, ...]) -> tuple[str, ...]:
+    """Names of the Dense layers in order: hidden_1 .. hidden_k, then output."""
+    return tuple(f"hidden_{i + 1}" for i in range(len(hidden))) + ("output",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +151,6 @@ def select_variants(names: Sequence[str], *, l2: float | None = None,
                                          name=n) for n in names)
 
 
-SCHEDULES = ("auto", "stack", "sequential", "concurrent")
-PRECISIONS = ("float32", "bfloat16")
-MATMUL_PRECISIONS = ("default", "highest")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train: Keras `fit` semantics, Keras's Adam and its defaults.
@@ -147,13 +172,25 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256)
     eval_batch_size: int = 2000
     data_parallel: int = 1
-    model_parallel: int = 1  # devices the models axis is sharded over (stack schedule)
-    schedule: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
+    model_parallel: int = 1  # devices the models axis is sharded over (stack placement)
+    placement: str = "auto"  # models of a stack: stack, sequential, concurrent or auto
     dropout_rng: str = "hash"  # the dropout masks' generator: 'hash' or 'threefry'
     # 'float32', or 'bfloat16': matmul operands in bfloat16, everything else float32.
-    precision: str = "float32"
+    dtype: str = "float32"
     # 'default' (XLA's: TF32 on NVIDIA Ampere and later, float32 on CPU) or 'highest'.
     matmul_precision: str = "default"
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainConfig:
+        """A TrainConfig from its recorded dict (run.json), older runs' keys included."""
+        d = dict(d)
+        d["hidden"] = tuple(d["hidden"])
+        # Runs started before the optimizer was a setting trained with optax's Adam.
+        d.setdefault("optimizer", "adam")
+        for old, new in (("schedule", "placement"), ("precision", "dtype")):  # renamed
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        return cls(**d)
 
     def validate(self, n_train: int = 60000) -> None:
         """Raises ConfigError naming the flag and its valid range; `n_train` before the split."""
@@ -183,32 +220,33 @@ class TrainConfig:
         if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigError(f"hidden sizes {self.hidden!r} must be positive integers")
         integer("--eval-batch-size", self.eval_batch_size, 1)
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule!r} must be one of "
-                              f"{', '.join(SCHEDULES)}")
-        if self.dropout_rng not in ("hash", "threefry"):
-            raise ConfigError(f"--dropout-rng {self.dropout_rng!r} must be hash or threefry")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--placement {self.placement!r} must be one of "
+                              f"{', '.join(PLACEMENTS)}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ConfigError(f"--dropout-rng {self.dropout_rng!r} must be one of "
+                              f"{', '.join(DROPOUT_RNGS)}")
         integer("--data-parallel", self.data_parallel, 1)
         if self.batch_size % self.data_parallel or self.eval_batch_size % self.data_parallel:
             raise ConfigError(f"--batch-size {self.batch_size} and --eval-batch-size "
                               f"{self.eval_batch_size} must be multiples of --data-parallel "
                               f"{self.data_parallel}, so each device gets an equal share")
-        for flag, value, choices in (("--precision", self.precision, PRECISIONS),
+        for flag, value, choices in (("--dtype", self.dtype, DTYPES),
                                      ("--matmul-precision", self.matmul_precision,
                                       MATMUL_PRECISIONS)):
             if value not in choices:
                 raise ConfigError(f"{flag} {value!r} must be one of {', '.join(choices)}")
         integer("--model-parallel", self.model_parallel, 1)
         if self.model_parallel > 1 and (self.data_parallel > 1
-                                        or self.schedule in ("sequential", "concurrent")):
+                                        or self.placement in ("sequential", "concurrent")):
             raise ConfigError(f"--model-parallel {self.model_parallel} shards one vmapped "
-                              "stack of models over devices: it needs --schedule stack (or "
+                              "stack of models over devices: it needs --placement stack (or "
                               "auto) and --data-parallel 1")
-        if self.schedule == "concurrent" and self.data_parallel > 1:
-            raise ConfigError(f"--schedule concurrent runs several programs at once, which "
+        if self.placement == "concurrent" and self.data_parallel > 1:
+            raise ConfigError(f"--placement concurrent runs several programs at once, which "
                               f"cannot share devices with --data-parallel "
                               f"{self.data_parallel} (their collectives could interleave); "
-                              f"use --schedule sequential or stack")
+                              f"use --placement sequential or stack")
 
 
 def check_seeds(seeds: Sequence[int]) -> None:

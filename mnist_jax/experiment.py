@@ -72,12 +72,8 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
-        train = dict(d["train"])
-        train["hidden"] = tuple(train["hidden"])
-        # Runs started before the optimizer was a setting trained with optax's Adam.
-        train.setdefault("optimizer", "adam")
         return cls(variants=tuple(d["variants"]), seeds=tuple(d["seeds"]), l2=d["l2"],
-                   dropout=d["dropout"], train=TrainConfig(**train))
+                   dropout=d["dropout"], train=TrainConfig.from_dict(d["train"]))
 
 
 @contextlib.contextmanager
@@ -266,7 +262,7 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     n_models = len(config.variants) * len(config.seeds)
     echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
          f"{n_models} model(s) with one compiled program, "
-         f"{config.train.epochs} epochs, {fit.schedule(config.train)} schedule; batch "
+         f"{config.train.epochs} epochs, {fit.placement(config.train)} placement; batch "
          f"{config.train.batch_size} on {devices} device(s), "
          f"{config.train.batch_size // devices} per device")
     with timed(parts, "fit"):  # compile + train + checkpoints
@@ -297,7 +293,7 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
         "timing": {"compile_seconds": stack.compile_seconds,
                    "train_seconds": stack.train_seconds,
                    "models": n_models,
-                   "schedule": fit.schedule(config.train),
+                   "placement": fit.placement(config.train),
                    "wall_seconds": None,
                    "parts_seconds": parts},
         "parallel": {"devices": devices, "processes": jax.process_count(),

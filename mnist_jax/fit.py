@@ -2,7 +2,7 @@
 
 `train` fits one model and `train_stack` many (seeds x variants) with one compiled program;
 both compile once (timed apart), then make one device call per epoch (per model with the
-sequential and concurrent schedules, several at once with the latter), reading back only that
+sequential and concurrent placements, several at once with the latter), reading back only that
 epoch's metrics for the history and the bar.
 """
 
@@ -182,7 +182,7 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         variant.validate(config.hidden)
     model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
                 dropout_rng=config.dropout_rng,
-                dtype=None if config.precision == "float32" else config.precision,
+                dtype=None if config.dtype == "float32" else config.dtype,
                 precision=None if config.matmul_precision == "default" else "highest",
                 row_major_transposes=config.data_parallel == 1 and config.model_parallel == 1)
     state, keys = _init_program()(
@@ -320,7 +320,7 @@ def _describe(metrics: EpochMetrics, stack: Stack) -> str:
     return ("" if one else "acc/val_acc ") + " | ".join(parts)
 
 
-def schedule(config: TrainConfig) -> str:
+def placement(config: TrainConfig) -> str:
     """How the models of a stack share the device.
 
     'stack': all models in one vmapped step. 'sequential': one model at a time, each with the
@@ -332,21 +332,21 @@ def schedule(config: TrainConfig) -> str:
     sequential on CPU with --data-parallel (concurrent programs' collectives could
     interleave), and the stack on accelerators, which it keeps busy.
     """
-    if config.schedule != "auto":
-        return config.schedule
+    if config.placement != "auto":
+        return config.placement
     if jax.default_backend() != "cpu" or config.model_parallel > 1:
         return "stack"
     return "concurrent" if config.data_parallel == 1 else "sequential"
 
 
 def workers(n_models: int) -> int:
-    """Host threads of the concurrent schedule: one per CPU core this process may use."""
+    """Host threads of the concurrent placement: one per CPU core this process may use."""
     return max(1, min(n_models, runtime.usable_cores()))
 
 
 @functools.cache
 def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The concurrent schedule's threads, made once per process."""
+    """The concurrent placement's threads, made once per process."""
     return concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="mnist_jax-model")
 
 
@@ -381,7 +381,7 @@ def _model_of(tree, s, v):
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
-    """A stack's compiled programs, run by its schedule: `epoch(state, epoch)` trains one
+    """A stack's compiled programs, run by its placement: `epoch(state, epoch)` trains one
     epoch and evaluates the validation rows, `evaluate(state, start, count)` any rows of
     the stack's data (host arrays of shape (S, V))."""
 
@@ -392,7 +392,7 @@ class Runner:
 def _runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochData, mesh,
             halt_on_divergence: bool = True) -> Runner:
     """Compiles the epoch and the evaluation once (AOT, so compilation is timed apart) for
-    the schedule."""
+    the placement."""
     config = stack.config
     sharding = parallel.batch_sharding(mesh)
     static = dict(model=stack.model, tx=tx_for(config), batch_size=config.batch_size,
@@ -405,7 +405,7 @@ def _runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochData, mes
     epoch0 = jnp.asarray(stack.epochs_done, jnp.int32)
     val = _rows(*data.rows("validation"))
     n_seeds, n_variants = len(stack.seeds), len(stack.variants)
-    if schedule(config) == "stack" or n_seeds * n_variants == 1:
+    if placement(config) == "stack" or n_seeds * n_variants == 1:
         compiled = compile_epoch(state, keys, data, epoch0, **static)
         evaluate = compile_evaluation(state, data.images, data.labels, *val, **evaluation)
 
@@ -420,7 +420,7 @@ def _runner(stack: Stack, state: TrainState, keys: RunKeys, data: EpochData, mes
     cell0 = _cell(state, 0, 0)
     compiled = compile_epoch(cell0, seed_keys[0], data, epoch0, **static)
     evaluate = compile_evaluation(cell0, data.images, data.labels, *val, **evaluation)
-    threads = workers(n_seeds * n_variants) if schedule(config) == "concurrent" else 1
+    threads = workers(n_seeds * n_variants) if placement(config) == "concurrent" else 1
     pool = _pool(threads) if threads > 1 else None
 
     def each_model(work, state):
@@ -504,7 +504,7 @@ def fit(stack: Stack, splits: Splits, *, progress: bool = True,
             _append(stack, metrics)
             bar.update(epoch + 1, _describe(metrics, stack))
             if on_epoch_end is not None:
-                on_epoch_end(stack)  # it may replace stack.state (a schedule, say)
+                on_epoch_end(stack)  # it may replace stack.state (a placement, say)
                 state = place_state(stack.state, config)
     finally:
         bar.close()
@@ -573,7 +573,7 @@ def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainCo
 
 def train_stack(data: MNIST | Splits, variants: Sequence[Variant], seeds: Sequence[int] = (0,),
                 config: TrainConfig = TrainConfig(), *, progress: bool = True) -> Stack:
-    """Trains len(seeds) x len(variants) models in one compiled program (`config.schedule`).
+    """Trains len(seeds) x len(variants) models in one compiled program (`config.placement`).
 
     Returns the Stack: `histories[name][i]` (Keras-style, seed `seeds[i]`),
     `params(name, i)`, and with `evaluate_models(stack, images, labels)` every model's test

@@ -10,13 +10,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from mnist_jax.config import dense_names
+
 # Keras's Dense default; Flax's own default is LeCun normal.
 glorot_uniform = nn.initializers.glorot_uniform()
-
-
-def dense_names(hidden: tuple[int, ...]) -> tuple[str, ...]:
-    """Names of the Dense layers in order: hidden_1 .. hidden_k, then output."""
-    return tuple(f"hidden_{i + 1}" for i in range(len(hidden))) + ("output",)
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:

@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-OPTIMIZERS = ("keras-adam", "adam")
-
 
 class ScaleByKerasAdamState(NamedTuple):
     """State of `scale_by_keras_adam`, as optax's `ScaleByAdamState`."""

@@ -100,7 +100,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"{_plural(n_models, 'model')} of {results['model']['parameters']:,} parameters "
         f"({results['model']['architecture']}) trained for {_plural(epochs, 'epoch')} at "
         f"batch {cfg['train']['batch_size']} with one compiled program "
-        f"({results['timing']['schedule']} schedule) on "
+        f"({results['timing']['placement']} placement) on "
         f"{env['device']['count']} × {env['device']['kind']}: "
         f"{results['timing']['train_seconds']:.1f} s of training after "
         f"{results['timing']['compile_seconds']:.1f} s of compilation.",
@@ -239,8 +239,8 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"{CRITERIA[on]} of {len(confs)} configurations (mean over {_plural(len(seeds), 'seed')}"
         f", {sel['value']:.2%}); the test set was not used to choose. Its test accuracy: "
         f"{test}. {_plural(metrics['timing']['models'], 'model')} trained for "
-        f"{_plural(cfg['train']['epochs'], 'epoch')} ({metrics['timing']['schedule']} "
-        f"schedule) on {env['device']['count']} × {env['device']['kind']} in "
+        f"{_plural(cfg['train']['epochs'], 'epoch')} ({metrics['timing']['placement']} "
+        f"placement) on {env['device']['count']} × {env['device']['kind']} in "
         f"{metrics['timing']['wall_seconds']:.0f} s.",
         "",
     ]

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mnist_jax.model import MLP, dense_names
-from mnist_jax.optim import OPTIMIZERS, keras_adam
+from mnist_jax.config import OPTIMIZERS, dense_names
+from mnist_jax.model import MLP
+from mnist_jax.optim import keras_adam
 
 Params = Any
 # A step diverged when its loss is non-finite or its cross-entropy exceeds this: a uniform

@@ -33,9 +33,9 @@ from mnist_jax.config import (
     Variant,
     check_regularisation,
     check_seeds,
+    dense_names,
 )
 from mnist_jax.errors import ConfigError, Interrupted
-from mnist_jax.model import dense_names
 
 SEARCHES = ("grid", "random", "tpe")
 GRID_L2 = (0.0, 1e-5, 1e-4, 1e-3)
@@ -128,10 +128,9 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
-        train = dict(d["train"])
-        train["hidden"] = tuple(train["hidden"])
         tuples = ("l2", "dropout", "learning_rate", "l2_layers", "dropout_layers", "seeds")
-        return cls(**{**d, **{k: tuple(d[k]) for k in tuples}, "train": TrainConfig(**train)})
+        return cls(**{**d, **{k: tuple(d[k]) for k in tuples},
+                      "train": TrainConfig.from_dict(d["train"])})
 
 
 def _show(values: Sequence[float]) -> str:
@@ -646,7 +645,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
                           "test": len(splits.test_images)},
                     timing={"wall_seconds": time.perf_counter() - t_start,
                             "models": len(results) * len(config.seeds),
-                            "schedule": fit.schedule(config.train)})
+                            "placement": fit.placement(config.train)})
                 if primary:
                     metrics["figures"] = figures(config, metrics, out)
                     files.write_text(out / "sweep.csv", table_csv(metrics))

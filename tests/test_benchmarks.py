@@ -47,7 +47,7 @@ def test_quick_benchmark_run_writes_json_and_plot(mnist, tmp_path):
     assert [r["n"] for r in peaks] == [1024, 2048]
     best = max(r["gflop_per_s"] for r in peaks)
     assert all(r["flop_utilisation"] == pytest.approx(r["gflop_per_s"] / best) for r in epochs)
-    stacks = {(r["schedule"], r["models"]) for r in results["records"] if r["name"] == "stack"}
+    stacks = {(r["placement"], r["models"]) for r in results["records"] if r["name"] == "stack"}
     assert stacks == {("sequential", 1), ("stack", 2), ("sequential", 2), ("concurrent", 2)}
     study = {r["run"]: r for r in results["records"] if r["name"] == "study"}
     assert set(study) == {"cold_cache", "warm_cache"}

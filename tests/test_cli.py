@@ -39,7 +39,7 @@ HELP = {  # what each command's help must tell a newcomer
     "eda": ["figures/label_distribution.png", "--seed"],
     "train": ["--variant", "baseline, l2, dropout or l2_dropout", "--resume DIR",
               "l2 penalises hidden_1's kernel, l2_dropout both", "--optimizer", "--loss"],
-    "experiment": ["--variants", "--seeds", "0-4", "--schedule", "--data-parallel",
+    "experiment": ["--variants", "--seeds", "0-4", "--placement", "--data-parallel",
                    "l2 penalises hidden_1's kernel", "after both hidden layers"],
 }
 

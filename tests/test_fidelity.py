@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from mnist_jax import fit, preprocessing, steps
-from mnist_jax.config import VARIANTS
-from mnist_jax.model import MLP, dense_names
+from mnist_jax.config import VARIANTS, dense_names
+from mnist_jax.model import MLP
 
 RECORDING = Path(__file__).parent / "data" / "keras_trajectories.npz"
 RUNS = ("baseline_logits", "l2_logits", "baseline_clipped", "l2_clipped")

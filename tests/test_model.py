@@ -188,7 +188,7 @@ def _dot_signatures(closed_jaxpr) -> list[tuple[str, str, str]]:
 def test_matmul_gradients_match_numpy(dtype):
     """The hand-written gradients of `matmul` against NumPy in float64 on the operands
     rounded to `dtype`, with two leading batch axes (the reshape of x^T), and vmapped over
-    models (the stack schedule)."""
+    models (the stack placement)."""
     import ml_dtypes
 
     from mnist_jax.model import matmul
@@ -300,7 +300,7 @@ def test_the_train_config_s_precision_reaches_the_model():
     from mnist_jax.config import VARIANTS, TrainConfig
 
     for config, dtype, precision in ((TrainConfig(), None, None),
-                                     (TrainConfig(precision="bfloat16",
+                                     (TrainConfig(dtype="bfloat16",
                                                   matmul_precision="highest"),
                                       "bfloat16", "highest")):
         stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)

@@ -27,9 +27,9 @@ def small(splits):
                       splits.test_images[:1000], splits.test_labels[:1000])
 
 
-def train(small, devices, variants=("dropout",), seeds=(0,), schedule="auto", epochs=2):
+def train(small, devices, variants=("dropout",), seeds=(0,), placement="auto", epochs=2):
     config = TrainConfig(epochs=epochs, data_parallel=devices, eval_batch_size=1000,
-                         schedule=schedule)
+                         placement=placement)
     stack = fit.new_stack([VARIANTS[v] for v in variants], seeds, config, n_train=3000)
     return fit.fit(stack, small, progress=False)
 
@@ -49,15 +49,15 @@ def test_four_devices_give_the_single_device_history(small):
 
 
 def test_a_vmapped_stack_on_four_devices_gives_its_single_device_history(small):
-    """The accelerators' schedule: seeds x variants in one vmapped step, its batch split over
+    """The accelerators' placement: seeds x variants in one vmapped step, its batch split over
     the devices (each model's copy of its seed's batch keeps the split). Compared over one
     epoch (16 steps): all four models then agree to 3e-7. Summed in another order, the
     gradients differ in the last bits, which Adam can amplify: in epoch 2 one of the four
     (baseline, seed 1) forks by 4e-3 in a weight, deterministically, the others stay at 3e-7
     (measured with Keras's Adam). A wrong split or reduction shows from the first step."""
     variants, seeds = ("baseline", "l2_dropout"), (0, 1)
-    one = train(small, 1, variants, seeds, schedule="stack", epochs=1)
-    four = train(small, 4, variants, seeds, schedule="stack", epochs=1)
+    one = train(small, 1, variants, seeds, placement="stack", epochs=1)
+    four = train(small, 4, variants, seeds, placement="stack", epochs=1)
     for name in variants:
         for s in range(len(seeds)):
             for key, values in one.histories[name][s].items():
@@ -97,7 +97,7 @@ def test_data_parallel_must_divide_the_batch():
         parallel.resolve_devices(5)
     assert parallel.resolve_devices("all") == 4
     with pytest.raises(ConfigError, match="concurrent .* --data-parallel 2 .* sequential or stack"):
-        TrainConfig(data_parallel=2, schedule="concurrent").validate()
+        TrainConfig(data_parallel=2, placement="concurrent").validate()
 
 
 def test_cli_reports_global_and_per_device_batch(mnist, tmp_path, capsys):

@@ -355,7 +355,7 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
                                            "'bfloat16'"),
     ("experiment", ("--matmul-precision", "low"), "--matmul-precision 'low' must be one of "
                                                   "'default', 'highest'"),
-    ("experiment", ("--schedule", "fast"), "--schedule 'fast' must be one of 'auto', 'stack'"),
+    ("experiment", ("--placement", "fast"), "--placement 'fast' must be one of 'auto', 'stack'"),
     ("experiment", ("--dropout-rng", "x"), "--dropout-rng 'x' must be one of 'hash', "
                                             "'threefry'"),
     ("experiment", ("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline"),
@@ -399,7 +399,7 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("sweep", ("--seeds", "2-1"), "--seeds '2-1': the range 2-1 is reversed"),
     ("sweep", ("--chunk", "-1"), "--chunk -1 must be an integer >= 0 (0: automatic)"),
     ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
-    ("sweep", ("--chunk", "3", "--model-parallel", "2", "--schedule", "stack"),
+    ("sweep", ("--chunk", "3", "--model-parallel", "2", "--placement", "stack"),
      "--chunk 3 must be a multiple of --model-parallel 2"),
     ("sweep", ("--search", "random", "--l2", "0,1e-3"), "so the range must lie above 0"),
     ("sweep", ("--search", "tpe", "--dropout", "0.5,0.1"), "the range must be low,high"),
@@ -452,13 +452,13 @@ NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
                 ("train", "--epochs"), ("train", "--batch-size"), ("train", "--validation-split"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
                 ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
-                ("train", "--data-parallel"), ("train", "--schedule"), ("train", "--dropout-rng"),
+                ("train", "--data-parallel"), ("train", "--placement"), ("train", "--dropout-rng"),
                 ("train", "--checkpoint-every"), ("train", "--precision"),
                 ("train", "--matmul-precision"), ("sweep", "--precision"),
                 ("sweep", "--matmul-precision"),
                 *(("sweep", flag) for flag in (
                     "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
-                    "--eval-batch-size", "--schedule", "--dropout-rng"))}
+                    "--eval-batch-size", "--placement", "--dropout-rng"))}
 
 
 def test_a_bad_setting_exits_the_process_with_2_and_no_traceback(tmp_path):

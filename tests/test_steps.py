@@ -366,13 +366,13 @@ def test_dropout_masks_change_from_step_to_step(splits):
     assert abs(loss[0] - loss[1]) > 1e-3 * loss[0], loss
 
 
-@pytest.mark.parametrize("schedule", ["stack", "concurrent"])
-def test_dropout_masks_differ_from_seed_to_seed(splits, schedule):
+@pytest.mark.parametrize("placement", ["stack", "concurrent"])
+def test_dropout_masks_differ_from_seed_to_seed(splits, placement):
     """Two seeds given the same weights, frozen: their losses differ only through their masks
     (a dropout key shared by the seeds gives equal losses)."""
     data = same_image_splits(splits, 64)
     config = TrainConfig(epochs=1, batch_size=64, learning_rate=0.0, validation_split=0.0,
-                         schedule=schedule)
+                         placement=placement)
     stack = fit.new_stack([VARIANTS["dropout"]], (0, 1), config, n_train=64)
     stack.state = stack.state.replace(params=jax.tree.map(
         lambda a: jnp.broadcast_to(a[:1], a.shape), stack.state.params))
@@ -381,15 +381,15 @@ def test_dropout_masks_differ_from_seed_to_seed(splits, schedule):
     assert abs(a - b) > 1e-3 * a, (a, b)
 
 
-@pytest.mark.parametrize(("schedule", "seeds"), [("stack", (0, 5)), ("stack", (3,)),
+@pytest.mark.parametrize(("placement", "seeds"), [("stack", (0, 5)), ("stack", (3,)),
                                                   ("sequential", (0, 5)),
                                                   ("concurrent", (0, 5))])
-def test_stack_equals_models_trained_alone(small, schedule, seeds):
+def test_stack_equals_models_trained_alone(small, placement, seeds):
     """Vmapped, a stack matches models trained alone up to float32 summation order; run one
     model at a time with the same program, or several such programs at once from threads,
     it matches them bit for bit. One seed is the accelerators' study."""
     variants = [VARIANTS[n] for n in VARIANTS]
-    stack = fit.train_stack(small, variants, seeds, TrainConfig(epochs=1, schedule=schedule),
+    stack = fit.train_stack(small, variants, seeds, TrainConfig(epochs=1, placement=placement),
                             progress=False)
     for seed_index, seed in enumerate(seeds):
         for name in ("baseline", "l2_dropout"):
@@ -398,7 +398,7 @@ def test_stack_equals_models_trained_alone(small, schedule, seeds):
             alone.model = stack.model
             fit.fit(alone, small, progress=False)
             params = stack.params(name, seed_index)
-            if schedule in ("sequential", "concurrent"):
+            if placement in ("sequential", "concurrent"):
                 jax.tree.map(np.testing.assert_array_equal, params, alone.params(name))
                 assert stack.histories[name][seed_index] == alone.histories[name][0]
                 continue
@@ -414,9 +414,9 @@ def test_stack_equals_models_trained_alone(small, schedule, seeds):
 def test_auto_schedule():
     """Concurrent (sequential when data-parallel) on CPU, the vmapped stack elsewhere."""
     on_cpu = jax.default_backend() == "cpu"
-    assert fit.schedule(TrainConfig()) == ("concurrent" if on_cpu else "stack")
-    assert fit.schedule(TrainConfig(data_parallel=2)) == ("sequential" if on_cpu else "stack")
-    assert fit.schedule(TrainConfig(schedule="stack")) == "stack"
+    assert fit.placement(TrainConfig()) == ("concurrent" if on_cpu else "stack")
+    assert fit.placement(TrainConfig(data_parallel=2)) == ("sequential" if on_cpu else "stack")
+    assert fit.placement(TrainConfig(placement="stack")) == "stack"
     assert 1 <= fit.workers(8) <= 8 and fit.workers(1) == 1
 
 
@@ -445,7 +445,7 @@ def test_concurrent_schedule_runs_models_at_once(small, monkeypatch):
     monkeypatch.setattr(fit, "_train_epoch", Spy())
     monkeypatch.setattr(fit, "_pool", fit._pool.__wrapped__)  # fresh threads for this test
     variants = [VARIANTS["baseline"], VARIANTS["l2"]]
-    fit.train_stack(small, variants, (0, 1), TrainConfig(epochs=2, schedule="concurrent"),
+    fit.train_stack(small, variants, (0, 1), TrainConfig(epochs=2, placement="concurrent"),
                     progress=False)
     assert len(threads) == 2 and threading.get_ident() not in threads
 
@@ -585,15 +585,15 @@ def test_one_evaluation_program_reads_any_range_of_rows_as_numpy_does(splits):
     assert float(wide["accuracy"]) == pytest.approx(acc, abs=1e-7)
 
 
-@pytest.mark.parametrize("schedule", ["stack", "concurrent"])
-def test_stack_evaluate_reads_fit_s_rows_with_fit_s_programs(small, schedule, caplog):
+@pytest.mark.parametrize("placement", ["stack", "concurrent"])
+def test_stack_evaluate_reads_fit_s_rows_with_fit_s_programs(small, placement, caplog):
     """After `fit`, every model's test and training metrics come from the rows already on
     the device and the evaluation program compiled with the epoch: nothing compiles, and each
     model's numbers are a NumPy forward pass's."""
     names = ("baseline", "l2")
-    chunk = {"stack": 300, "concurrent": 310}[schedule]  # programs no other test compiled
+    chunk = {"stack": 300, "concurrent": 310}[placement]  # programs no other test compiled
     stack = fit.new_stack([VARIANTS[n] for n in names], (0, 3),
-                          TrainConfig(epochs=1, schedule=schedule, eval_batch_size=chunk), 2500)
+                          TrainConfig(epochs=1, placement=placement, eval_batch_size=chunk), 2500)
     with pytest.raises(ValueError, match="call fit.fit"):
         stack.evaluate("test")
     fit.fit(stack, small, progress=False)

@@ -111,7 +111,7 @@ def test_models_split_over_four_devices_train_as_on_one(small):
     points = sweep.grid(config)  # 16
     runs = {}
     for mp in (1, 4):
-        train = TrainConfig(epochs=2, schedule="stack", model_parallel=mp)
+        train = TrainConfig(epochs=2, placement="stack", model_parallel=mp)
         stack = fit.new_stack(points, (0, 1), train, 4000)
         assert stack.model.row_major_transposes == (mp == 1)
         stack.model = stack.model.clone(row_major_transposes=False)
@@ -144,10 +144,10 @@ def test_models_split_over_four_devices_train_as_on_one(small):
 def test_a_diverging_model_stops_alone_and_keeps_its_last_good_state(small):
     base = VARIANTS["baseline"]
     points = [base, dataclasses.replace(base, name="hot", learning_rate=1e4)]
-    train = TrainConfig(epochs=2, schedule="stack")
+    train = TrainConfig(epochs=2, placement="stack")
     stack = fit.new_stack(points, (0,), train, 4000)
     fit.fit(stack, small, progress=False, halt_on_divergence=False)
-    alone = fit.new_stack([base], (0,), dataclasses.replace(train, schedule="sequential"), 4000)
+    alone = fit.new_stack([base], (0,), dataclasses.replace(train, placement="sequential"), 4000)
     fit.fit(alone, small, progress=False)
     assert [d["variant"] for d in stack.diverged] == ["hot"]
     assert stack.diverged[0]["epoch"] == 1 and stack.diverged[0]["step"] >= 1

@@ -39,7 +39,8 @@ def initial_weights():
     import numpy as np
 
     from mnist_jax import fit
-    from mnist_jax.model import MLP, dense_names
+    from mnist_jax.config import dense_names
+    from mnist_jax.model import MLP
 
     init_key, _, _ = fit.run_keys(0)
     params = MLP().init(init_key, jax.numpy.zeros((1, 784), jax.numpy.float32))["params"]
