@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def ours(precision: str, seeds: tuple[int, ...], epochs: int) -> dict:
-    from mnist_jax import fit
+    from mnist_jax import fit, placement
     from mnist_jax.config import VARIANTS, TrainConfig
     from mnist_jax.data import load_mnist
 
@@ -24,7 +24,7 @@ def ours(precision: str, seeds: tuple[int, ...], epochs: int) -> dict:
     test = fit.evaluate_models(stack, splits.test_images, splits.test_labels)
     n_models = len(seeds) * len(VARIANTS)
     return {"stack": "mnist_jax", "precision": precision, "epochs": epochs,
-            "seeds": list(seeds), "models": n_models, "placement": fit.placement(config),
+            "seeds": list(seeds), "models": n_models, "placement": placement.resolve(config),
             "compile_seconds": stack.compile_seconds, "train_seconds": stack.train_seconds,
             "seconds_per_model_epoch": stack.train_seconds / (n_models * epochs),
             "test_accuracy": {name: test["accuracy"][:, v].tolist()

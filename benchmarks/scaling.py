@@ -21,18 +21,18 @@ def main() -> None:
     import jax
 
     from benchmarks.harness import time_epochs, timed
-    from mnist_jax import fit, parallel
+    from mnist_jax import fit, placement, programs, stacks
     from mnist_jax.config import VARIANTS, TrainConfig
     from mnist_jax.data import load_mnist
 
     splits = fit.prepare(load_mnist(args.data_dir))
     config = TrainConfig(data_parallel=args.data_parallel)
     stack = fit.new_stack([VARIANTS["dropout"]], (0,), config)
-    mesh = parallel.data_mesh(args.data_parallel)
-    data = fit.epoch_data(splits, mesh)
-    state = parallel.put(stack.state, mesh)
-    keys = parallel.put(stack.keys, mesh)
-    runner, compile_s = timed(fit._runner, stack, state, keys, data, mesh)
+    mesh = placement.data_mesh(args.data_parallel)
+    data = stacks.epoch_data(splits, mesh)
+    state = placement.put(stack.state, mesh)
+    keys = placement.put(stack.keys, mesh)
+    runner, compile_s = timed(programs.runner, stack.model, config, state, keys, data)
     run = runner.epoch
     t = time_epochs(run, state, args.repeats)
     n = len(splits.train_images) + len(splits.val_images)

@@ -27,7 +27,7 @@ from benchmarks.harness import (
     time_epochs,
     timed,
 )
-from mnist_jax import fit
+from mnist_jax import fit, optim, programs
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.model import train_flops_per_sample
 from mnist_jax.steps import Batch, EpochData, train_step
@@ -62,7 +62,8 @@ def _epoch_program(variants, seeds, config: TrainConfig, data: EpochData):
     """A fresh stack and its epoch (with its validation, if `data` has some), compiled as
     `fit` compiles it (timed apart)."""
     stack = fit.new_stack(variants, seeds, config, 60000)
-    runner, compile_s = timed(fit._runner, stack, stack.state, stack.keys, data, None)
+    runner, compile_s = timed(programs.runner, stack.model, config, stack.state, stack.keys,
+                              data)
     return stack, runner.epoch, compile_s
 
 
@@ -112,12 +113,12 @@ def optimizer_cost(results: Results, splits: fit.Splits, peak: float, repeats: i
     config = TrainConfig()
     stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate)
-    optax_adam = fit.tx_for(dataclasses.replace(config, optimizer="adam"))
+    optax_adam = optim.for_config(dataclasses.replace(config, optimizer="adam"))
     static = dict(model=stack.model, batch_size=config.batch_size, batch_sharding=None)
     adam_s = None
-    for name, tx in (("keras-adam", fit.tx_for(config)), ("adam", optax_adam), ("sgd", sgd)):
+    for name, tx in (("keras-adam", optim.for_config(config)), ("adam", optax_adam), ("sgd", sgd)):
         state = stack.state.replace(opt_state=jax.vmap(jax.vmap(tx.init))(stack.state.params))
-        compiled, compile_s = timed(fit.compile_epoch, state, stack.keys, data, jnp.int32(0),
+        compiled, compile_s = timed(programs.compile_epoch, state, stack.keys, data, jnp.int32(0),
                                     tx=tx, **static)
         t = time_epochs(lambda state, epoch, compiled=compiled: compiled(
             state, stack.keys, data, epoch), state, repeats,
@@ -140,7 +141,8 @@ def step(results: Results, splits: fit.Splits, repeats: int, steps_per_call: int
         config = TrainConfig(dropout_rng=rng)
         stack = fit.new_stack([VARIANTS[name]], (0,), config)
         state = [jax.tree.map(lambda a: a[0, 0], stack.state)]
-        jitted = jax.jit(functools.partial(train_step, model=stack.model, tx=fit.tx_for(config)),
+        step = functools.partial(train_step, model=stack.model, tx=optim.for_config(config))
+        jitted = jax.jit(step,
                          donate_argnums=0)
         key = jax.random.key(0)
         compiled, compile_s = compile_timed(jitted, state[0], batch, key)
@@ -190,7 +192,7 @@ def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: in
             samples_per_s = models * n / t["min_s"]
             gflops = samples_per_s * train_flops_per_sample() / 1e9
             results.add("stack", placement=placement, models=models,
-                        workers=fit.workers(models) if placement == "concurrent" else 1,
+                        workers=placement.workers(models) if placement == "concurrent" else 1,
                         compile_s=compile_s, samples_per_s=samples_per_s,
                         samples_per_s_per_model=samples_per_s / models,
                         **_utilisation(gflops, peak, yardstick), **t)

@@ -23,7 +23,7 @@ def ours(epochs: int, models: int | None = None) -> dict:
     """One sweep in this process: wall seconds from the config to the chosen configuration."""
     import jax
 
-    from mnist_jax import fit, runtime, sweep
+    from mnist_jax import fit, placement, runtime, sweep
     from mnist_jax.config import TrainConfig
     from mnist_jax.data import load_mnist
 
@@ -47,7 +47,7 @@ def ours(epochs: int, models: int | None = None) -> dict:
     n = len(results)
     return {"stack": "mnist_jax", "configurations": n, "epochs": epochs,
             "wall_seconds": seconds, "configuration_epochs_per_second": n * epochs / seconds,
-            "placement": fit.placement(config.train), "best": chosen["configuration"],
+            "placement": placement.resolve(config.train), "best": chosen["configuration"],
             "best_final_val_accuracy": chosen["value"], "device": runtime.environment()["device"],
             "final_val_accuracy": {
                 f"l2={r['variant']['l2']:g} dropout={r['variant']['dropout']:g}":

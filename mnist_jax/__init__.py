@@ -17,9 +17,9 @@ _EXPORTS = {
     "VARIANTS": "mnist_jax.config", "Variant": "mnist_jax.config",
     "TrainConfig": "mnist_jax.config",
     "MLP": "mnist_jax.model", "summary": "mnist_jax.model",
-    "prepare": "mnist_jax.fit", "Splits": "mnist_jax.fit", "train": "mnist_jax.fit",
-    "train_stack": "mnist_jax.fit", "evaluate": "mnist_jax.fit", "predict": "mnist_jax.fit",
-    "evaluate_models": "mnist_jax.fit", "Stack": "mnist_jax.fit",
+    "prepare": "mnist_jax.stacks", "Splits": "mnist_jax.stacks", "Stack": "mnist_jax.stacks",
+    "train": "mnist_jax.fit", "train_stack": "mnist_jax.fit", "evaluate": "mnist_jax.fit",
+    "predict": "mnist_jax.fit", "evaluate_models": "mnist_jax.fit",
     "train_step": "mnist_jax.steps", "create_train_state": "mnist_jax.steps",
     "ExperimentConfig": "mnist_jax.experiment",
     "train_and_evaluate": "mnist_jax.experiment",
@@ -27,8 +27,9 @@ _EXPORTS = {
     "SweepConfig": "mnist_jax.sweep", "run_sweep": "mnist_jax.sweep",
     "sweep_and_report": "mnist_jax.sweep",
 }
-_MODULES = ("data", "preprocessing", "config", "model", "steps", "fit", "plots", "report",
-            "experiment", "checkpoint", "parallel", "stats", "runtime", "sweep", "tensorboard")
+_MODULES = ("data", "preprocessing", "config", "model", "optim", "steps", "placement",
+            "programs", "stacks", "fit", "plots", "report", "experiment", "checkpoint", "stats",
+            "runtime", "sweep", "tensorboard")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mnist_jax import files, fit, parallel
+from mnist_jax import files, placement, stacks
 from mnist_jax.errors import CheckpointError, ConfigError, WriteError
 from mnist_jax.steps import RunKeys
 
@@ -42,12 +42,12 @@ def manager(directory: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def _arrays(stack: fit.Stack) -> dict[str, Any]:
+def _arrays(stack: stacks.Stack) -> dict[str, Any]:
     keys = jax.tree.map(jax.random.key_data, stack.keys._asdict())
     return {"state": stack.state, "keys": keys}
 
 
-def _meta(stack: fit.Stack) -> dict[str, Any]:
+def _meta(stack: stacks.Stack) -> dict[str, Any]:
     return {"epochs_done": stack.epochs_done, "histories": stack.histories,
             "seeds": list(stack.seeds), "variants": [v.name for v in stack.variants],
             "compile_seconds": stack.compile_seconds, "train_seconds": stack.train_seconds,
@@ -57,7 +57,7 @@ def _meta(stack: fit.Stack) -> dict[str, Any]:
 def array_digests(arrays: Any) -> dict[str, str]:
     """SHA-256 of every leaf (its dtype, shape and bytes), keyed by its path in the tree."""
     out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(parallel.to_host(arrays)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(placement.to_host(arrays)):
         leaf = np.ascontiguousarray(leaf)
         h = hashlib.sha256(f"{leaf.dtype.str}{leaf.shape}".encode())
         h.update(leaf.tobytes())
@@ -70,7 +70,7 @@ def meta_digest(meta: Any) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def save(mgr: ocp.CheckpointManager, stack: fit.Stack) -> None:
+def save(mgr: ocp.CheckpointManager, stack: stacks.Stack) -> None:
     """Commits the stack after `stack.epochs_done` epochs, with the digests of its contents."""
     arrays, meta = _arrays(stack), _meta(stack)
     digests = {"arrays": array_digests(arrays), "meta": meta_digest(meta)}
@@ -101,7 +101,7 @@ class Saver:
         self.mgr, self.every = mgr, every
         self.last = time.monotonic()
 
-    def __call__(self, stack: fit.Stack, *, force: bool = False) -> bool:
+    def __call__(self, stack: stacks.Stack, *, force: bool = False) -> bool:
         """Saves if due; returns whether it did."""
         if not (force or self.every <= 0 or time.monotonic() - self.last >= self.every):
             return False
@@ -175,7 +175,7 @@ class Damaged(Exception):
     """A checkpoint that cannot be trusted; the message says why."""
 
 
-def _load(mgr: ocp.CheckpointManager, step: int, fresh: fit.Stack,
+def _load(mgr: ocp.CheckpointManager, step: int, fresh: stacks.Stack,
           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(arrays, meta) of one checkpoint, verified against its digests; raises Damaged."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(fresh))
@@ -190,7 +190,7 @@ def _load(mgr: ocp.CheckpointManager, step: int, fresh: fit.Stack,
         raise Damaged(f"unreadable: {type(e).__name__}: {_first_line(e)}") from e
     if meta_digest(meta) != expected_meta:
         raise Damaged("its metadata does not match its digest")
-    host = parallel.to_host(arrays)  # once, for the digests and the finiteness check
+    host = placement.to_host(arrays)  # once, for the digests and the finiteness check
     got = array_digests(host)
     wrong = [path for path in got if expected_arrays.get(path) != got[path]]
     if wrong or set(expected_arrays) != set(got):
@@ -219,8 +219,8 @@ def _set_aside(directory: Path, step: int) -> Path:
     return target
 
 
-def restore(mgr: ocp.CheckpointManager, fresh: fit.Stack,
-            warn: Callable[[str], None] = log.warning) -> fit.Stack | None:
+def restore(mgr: ocp.CheckpointManager, fresh: stacks.Stack,
+            warn: Callable[[str], None] = log.warning) -> stacks.Stack | None:
     """The newest intact checkpoint restored into the structure of `fresh`, or None if there
     is none at all.
 
@@ -252,8 +252,8 @@ def restore(mgr: ocp.CheckpointManager, fresh: fit.Stack,
         "and --resume to start from epoch 1")
 
 
-def _into(fresh: fit.Stack, arrays: dict[str, Any], meta: dict[str, Any],
-          directory: Path) -> fit.Stack:
+def _into(fresh: stacks.Stack, arrays: dict[str, Any], meta: dict[str, Any],
+          directory: Path) -> stacks.Stack:
     names = [v.name for v in fresh.variants]
     if meta["variants"] != names or meta["seeds"] != list(fresh.seeds):
         raise ConfigError(f"the checkpoint in {directory} holds variants {meta['variants']}"

@@ -384,9 +384,9 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
 
     data_parallel = args.data_parallel
     if data_parallel is not None:
-        from mnist_jax import parallel
+        from mnist_jax import placement
 
-        data_parallel = parallel.resolve_devices(
+        data_parallel = placement.resolve_devices(
             data_parallel if data_parallel == "all" else _int("--data-parallel", data_parallel))
     given = {**_train_given(args), "learning_rate": args.lr, "data_parallel": data_parallel}
     given = {k: v for k, v in given.items() if v is not None}
@@ -504,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         if args.command in ("train", "experiment", "sweep"):
-            from mnist_jax import parallel
+            from mnist_jax import placement
 
-            parallel.initialize_distributed()  # before anything touches a device
+            placement.initialize_distributed()  # before anything touches a device
         return args.func(args)
     except TrainingDiverged as e:
         print(f"mnist-jax: {e}", file=sys.stderr)

@@ -46,14 +46,40 @@ def dense_names(hidden: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(f"hidden_{i + 1}" for i in range(len(hidden))) + ("output",)
 
 
+# Layers named relative to depth, so one recipe means the same at any depth (hidden_1, the
+# first hidden layer, and output are names at every depth too).
+LAYER_GROUPS: Mapping[str, str] = types.MappingProxyType({
+    "hidden": "every hidden layer",
+    "all": "every Dense layer, the output's included",
+})
+
+
+def resolve_layers(selectors: Sequence[str], hidden: tuple[int, ...], *,
+                   output: bool = True) -> tuple[str, ...]:
+    """The Dense layers `selectors` name (layer names or LAYER_GROUPS), in the model's order;
+    `output=False` for what only hidden layers have (dropout). Raises ConfigError naming what
+    the model does not have."""
+    names = dense_names(hidden) if output else dense_names(hidden)[:-1]
+    groups = {"hidden": dense_names(hidden)[:-1], "all": names}
+    unknown = [s for s in selectors if s not in names and s not in groups]
+    if unknown:
+        raise ConfigError(f"{', '.join(map(repr, unknown))}: the model's layers are "
+                          f"{', '.join(names)} (or {' / '.join(groups)}: "
+                          f"{'; '.join(LAYER_GROUPS[g] for g in groups)})")
+    chosen = {n for s in selectors for n in groups.get(s, (s,))}
+    return tuple(n for n in names if n in chosen)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A regularisation recipe: values, never a branch in the training code.
 
     `l2` multiplies sum(W**2) of each kernel named in `l2_layers` (Keras's
     `regularizers.l2(l2)`: no factor 1/2, biases never penalised); `dropout` is the rate of
-    the dropout layer after each hidden layer named in `dropout_layers`; `learning_rate`, if
-    given, replaces the TrainConfig's for this variant (a sweep's points differ in it).
+    the dropout layer after each hidden layer named in `dropout_layers`; layers are named as
+    `resolve_layers` reads them ('hidden_1', 'hidden': every hidden layer, ...);
+    `learning_rate`, if given, replaces the TrainConfig's for this variant (a sweep's points
+    differ in it).
     """
 
     name: str
@@ -84,25 +110,31 @@ class Variant:
             name = f"{self.name}[{','.join(given)}]" if given else self.name
         return dataclasses.replace(new, name=name)
 
+    def at_depth(self, hidden: tuple[int, ...]) -> Variant:
+        """The same recipe with its layers named as the model of `hidden` names them."""
+        return dataclasses.replace(
+            self, l2_layers=resolve_layers(self.l2_layers, hidden),
+            dropout_layers=resolve_layers(self.dropout_layers, hidden, output=False))
+
     def l2_vector(self, hidden: tuple[int, ...]) -> np.ndarray:
         """(n_dense,) float32: the coefficient for each Dense kernel, 0 where not penalised."""
-        names = dense_names(hidden)
-        return np.array([self.l2 if n in self.l2_layers else 0.0 for n in names], np.float32)
+        layers = resolve_layers(self.l2_layers, hidden)
+        return np.array([self.l2 if n in layers else 0.0 for n in dense_names(hidden)],
+                        np.float32)
 
     def dropout_vector(self, hidden: tuple[int, ...]) -> np.ndarray:
         """(n_hidden,) float32: the dropout rate after each hidden layer, 0 where none."""
-        names = dense_names(hidden)[:-1]
-        return np.array([self.dropout if n in self.dropout_layers else 0.0 for n in names],
+        layers = resolve_layers(self.dropout_layers, hidden, output=False)
+        return np.array([self.dropout if n in layers else 0.0 for n in dense_names(hidden)[:-1]],
                         np.float32)
 
     def validate(self, hidden: tuple[int, ...]) -> None:
-        names = dense_names(hidden)
-        for field, layers, allowed in (("l2_layers", self.l2_layers, names),
-                                       ("dropout_layers", self.dropout_layers, names[:-1])):
-            unknown = [n for n in layers if n not in allowed]
-            if unknown:
-                raise ConfigError(f"variant {self.name!r}: {field} names {unknown}; the model's "
-                                  f"layers are {list(allowed)}")
+        for field, layers, output in (("l2_layers", self.l2_layers, True),
+                                      ("dropout_layers", self.dropout_layers, False)):
+            try:
+                resolve_layers(layers, hidden, output=output)
+            except ConfigError as e:
+                raise ConfigError(f"variant {self.name!r}: {field} names {e}") from None
         check_regularisation(self.l2, self.dropout, f" (variant {self.name!r})")
         lr = self.learning_rate
         if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
@@ -128,9 +160,9 @@ DROPOUT = 0.45
 VARIANTS: Mapping[str, Variant] = types.MappingProxyType({
     "baseline": Variant("baseline"),
     "l2": Variant("l2", l2=L2, l2_layers=("hidden_1",)),
-    "dropout": Variant("dropout", dropout=DROPOUT, dropout_layers=("hidden_1", "hidden_2")),
-    "l2_dropout": Variant("l2_dropout", l2=L2, l2_layers=("hidden_1", "hidden_2"),
-                          dropout=DROPOUT, dropout_layers=("hidden_1", "hidden_2")),
+    "dropout": Variant("dropout", dropout=DROPOUT, dropout_layers=("hidden",)),
+    "l2_dropout": Variant("l2_dropout", l2=L2, l2_layers=("hidden",), dropout=DROPOUT,
+                          dropout_layers=("hidden",)),
 })
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, report, runtime, stats
+from mnist_jax import files, fit, placement, report, runtime, stats
 from mnist_jax.config import (
     DROPOUT,
     L2,
@@ -53,11 +53,12 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
 
     def resolve(self) -> tuple[Variant, ...]:
-        """The variants with this config's L2 coefficient and dropout rate, validated."""
+        """The variants with this config's L2 coefficient and dropout rate, validated, their
+        layers named as the model of `train.hidden` names them."""
         variants = select_variants(self.variants, l2=self.l2, dropout=self.dropout)
         for variant in variants:
             variant.validate(self.train.hidden)
-        return variants
+        return tuple(v.at_depth(self.train.hidden) for v in variants)
 
     def validate(self, n_train: int = 60000) -> None:
         """Every setting, before any work starts; raises ConfigError naming the flag."""
@@ -209,7 +210,7 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
             best: str, out_dir: Path, renderer: Renderer | None = None) -> dict[str, str]:
     """The comparison, and the best model's confusion matrix and mistakes."""
     predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images,
-                            mesh=fit.data_mesh(stack.config))
+                            mesh=placement.batch_mesh(stack.config))
     true = mnist.test_labels.astype(np.int64)
     seed = stack.seeds[0]
     return draw_figures({
@@ -262,7 +263,7 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     n_models = len(config.variants) * len(config.seeds)
     echo(f"training {len(config.variants)} variant(s) x {len(config.seeds)} seed(s) = "
          f"{n_models} model(s) with one compiled program, "
-         f"{config.train.epochs} epochs, {fit.placement(config.train)} placement; batch "
+         f"{config.train.epochs} epochs, {placement.resolve(config.train)} placement; batch "
          f"{config.train.batch_size} on {devices} device(s), "
          f"{config.train.batch_size // devices} per device")
     with timed(parts, "fit"):  # compile + train + checkpoints
@@ -293,7 +294,7 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
         "timing": {"compile_seconds": stack.compile_seconds,
                    "train_seconds": stack.train_seconds,
                    "models": n_models,
-                   "placement": fit.placement(config.train),
+                   "placement": placement.resolve(config.train),
                    "wall_seconds": None,
                    "parts_seconds": parts},
         "parallel": {"devices": devices, "processes": jax.process_count(),

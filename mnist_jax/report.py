@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_jax import files
-from mnist_jax.config import DROPOUT, L2, TrainConfig
+from mnist_jax.config import DROPOUT, L2, TrainConfig, resolve_layers
 from mnist_jax.fit import HISTORY_KEYS
 
 CSV_COLUMNS = ("epoch", *HISTORY_KEYS)
@@ -291,8 +291,9 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
     lines += [
         "## How these numbers were made",
         "",
-        f"- Search: {SEARCH_NAMES[cfg['search']]}; L2 on {_layers(cfg['l2_layers'])}, dropout "
-        f"after {_layers(cfg['dropout_layers'])}"
+        f"- Search: {SEARCH_NAMES[cfg['search']]}; L2 on "
+        f"{_layers(resolve_layers(cfg['l2_layers'], tuple(train['hidden'])))}, dropout after "
+        f"{_layers(resolve_layers(cfg['dropout_layers'], tuple(train['hidden']), output=False))}"
         + ("; the original study's four variants trained alongside at learning rate 0.001."
            if cfg["originals"] else "."),
         f"- Choice: {sel['how']}; diverged configurations are not candidates.",

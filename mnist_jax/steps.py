@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mnist_jax.config import OPTIMIZERS, dense_names
+from mnist_jax.config import dense_names
 from mnist_jax.model import MLP
-from mnist_jax.optim import keras_adam
 
 Params = Any
 # A step diverged when its loss is non-finite or its cross-entropy exceeds this: a uniform
@@ -110,25 +109,6 @@ class EpochMetrics(NamedTuple):
     bad_loss: jax.Array  # the loss at that step
 
 
-@functools.cache
-def optimizer(name: str = "keras-adam", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
-              ) -> optax.GradientTransformation:
-    """Adam with its learning rate in the state (optax.inject_hyperparams), so every learning
-    rate shares one compiled program; cached, so equal settings give the same object.
-
-    'keras-adam' (the default: the study is Keras's) is Adam as Keras computes it, eps added
-    to the uncorrected sqrt(v) (`optim.keras_adam`); 'adam' is `optax.adam`, eps added to the
-    bias-corrected sqrt(v_hat). They differ by 1e-4 in the loss from the second step on.
-    """
-    if name == "keras-adam":
-        adam = optax.inject_hyperparams(keras_adam, static_args=("b1", "b2", "eps"))
-    elif name == "adam":
-        adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-    return adam(learning_rate=1e-3, b1=b1, b2=b2, eps=eps)
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array, form: str = "logits") -> jax.Array:
     """(B,) softmax cross-entropy of (B, C) logits against (B, C) one-hot labels.
 
@@ -155,6 +135,33 @@ def create_train_state(init_key: jax.Array, model: MLP, tx: optax.GradientTransf
     opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       hparams=hparams)
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init_key, shuffle_key, dropout_key): one root key per seed, split by purpose."""
+    return purpose_keys(jax.random.key(seed))
+
+
+def purpose_keys(root: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    init_key, shuffle_key, dropout_key = jax.random.split(root, 3)
+    return init_key, shuffle_key, dropout_key
+
+
+def init_stack_state(roots: tuple[jax.Array, ...], learning_rates: jax.Array, l2: jax.Array,
+                     dropout: jax.Array, *, model: MLP, tx: optax.GradientTransformation,
+                     ) -> tuple[TrainState, RunKeys]:
+    """The (S, V) stack of fresh states, from each seed's root key and each variant's
+    learning rate, L2 and dropout rows (V, ...), and the (S,) shuffle and dropout keys.
+    Every variant of a seed starts from the same parameters."""
+    def per_seed(root):
+        init_key, shuffle_key, dropout_key = purpose_keys(root)
+        states = jax.vmap(lambda lr, l2_row, dropout_row: create_train_state(
+            init_key, model, tx, Hyperparams(l2=l2_row, dropout=dropout_row),
+            learning_rate=lr))(learning_rates, l2, dropout)
+        return states, shuffle_key, dropout_key
+
+    states, shuffle, dropout_keys = jax.vmap(per_seed)(jnp.stack(roots))
+    return states, RunKeys(shuffle, dropout_keys)
 
 
 def l2_penalty(params: Params, coefs: jax.Array, hidden: tuple[int, ...]) -> jax.Array:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, stats
+from mnist_jax import files, fit, placement, stats
 from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
@@ -34,6 +34,7 @@ from mnist_jax.config import (
     check_regularisation,
     check_seeds,
     dense_names,
+    resolve_layers,
 )
 from mnist_jax.errors import ConfigError, Interrupted
 
@@ -59,8 +60,8 @@ class SweepConfig:
     l2: tuple[float, ...] = GRID_L2
     dropout: tuple[float, ...] = GRID_DROPOUT
     learning_rate: tuple[float, ...] = (ORIGINAL_LR,)
-    l2_layers: tuple[str, ...] = ("hidden_1", "hidden_2")
-    dropout_layers: tuple[str, ...] = ("hidden_1", "hidden_2")
+    l2_layers: tuple[str, ...] = ("hidden",)  # config.resolve_layers' names
+    dropout_layers: tuple[str, ...] = ("hidden",)
     samples: int = 16
     search_seed: int = 0
     seeds: tuple[int, ...] = (0,)
@@ -73,13 +74,17 @@ class SweepConfig:
         if self.search not in SEARCHES:
             raise ConfigError(f"--search {self.search!r} must be one of {', '.join(SEARCHES)}")
         self.train.validate(n_train)
-        names = dense_names(self.train.hidden)
-        for flag, layers, allowed in (("--l2-layers", self.l2_layers, names),
-                                      ("--dropout-layers", self.dropout_layers, names[:-1])):
-            unknown = [n for n in layers if n not in allowed]
-            if unknown or not layers:
+        for flag, layers, output in (("--l2-layers", self.l2_layers, True),
+                                     ("--dropout-layers", self.dropout_layers, False)):
+            names = dense_names(self.train.hidden)[:None if output else -1]
+            try:
+                known = bool(layers) and bool(resolve_layers(layers, self.train.hidden,
+                                                             output=output))
+            except ConfigError:
+                known = False
+            if not known:
                 raise ConfigError(f"{flag} {','.join(layers) or '(none)'}: name one or more of "
-                                  f"{','.join(allowed)}")
+                                  f"{','.join(names)}, or hidden (every hidden layer)")
         for flag, values in (("--l2", self.l2), ("--dropout", self.dropout),
                              ("--lr", self.learning_rate)):
             if not values:
@@ -144,7 +149,8 @@ def point(config: SweepConfig, l2: float, dropout: float, learning_rate: float,
     """One configuration on the sweep's layers, named by its values unless `name` is given."""
     name = name or f"l2={l2:.3g} dropout={dropout:.3g} lr={learning_rate:.3g}"
     return Variant(name, l2=float(l2), l2_layers=config.l2_layers, dropout=float(dropout),
-                   dropout_layers=config.dropout_layers, learning_rate=float(learning_rate))
+                   dropout_layers=config.dropout_layers, learning_rate=float(learning_rate),
+                   ).at_depth(config.train.hidden)
 
 
 def effective(variant: Variant, config: SweepConfig) -> tuple:
@@ -160,7 +166,8 @@ def originals(config: SweepConfig) -> list[Variant]:
     """The study's four variants at its learning rate, or none."""
     if not config.originals:
         return []
-    return [dataclasses.replace(v, learning_rate=ORIGINAL_LR) for v in VARIANTS.values()]
+    return [dataclasses.replace(v, learning_rate=ORIGINAL_LR).at_depth(config.train.hidden)
+            for v in VARIANTS.values()]
 
 
 def grid(config: SweepConfig) -> list[Variant]:
@@ -645,7 +652,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
                           "test": len(splits.test_images)},
                     timing={"wall_seconds": time.perf_counter() - t_start,
                             "models": len(results) * len(config.seeds),
-                            "placement": fit.placement(config.train)})
+                            "placement": placement.resolve(config.train)})
                 if primary:
                     metrics["figures"] = figures(config, metrics, out)
                     files.write_text(out / "sweep.csv", table_csv(metrics))

@@ -10,8 +10,8 @@ from mnist_jax.errors import ConfigError
 def test_with_values_changes_the_values_and_names_them():
     v = VARIANTS["l2_dropout"].with_values(l2=3e-4, dropout=0.2)
     assert (v.l2, v.dropout, v.name) == (3e-4, 0.2, "l2_dropout[l2=0.0003,dropout=0.2]")
-    assert v.l2_layers == ("hidden_1", "hidden_2") and v.dropout_layers == VARIANTS[
-        "l2_dropout"].dropout_layers
+    assert v.l2_layers == VARIANTS["l2_dropout"].l2_layers
+    assert v.dropout_layers == VARIANTS["l2_dropout"].dropout_layers
     assert VARIANTS["l2"].with_values(l2=1e-3).name == "l2[l2=0.001]"
     assert VARIANTS["l2"].with_values(l2=1e-4, name="weak").name == "weak"
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax import fit, preprocessing, steps
+from mnist_jax import optim, preprocessing, steps
 from mnist_jax.config import VARIANTS, dense_names
 from mnist_jax.model import MLP
 
@@ -42,11 +42,11 @@ def fit_split(mnist):
 
 
 def initial_state(variant: str, optimizer: str):
-    init_key, _, _ = fit.run_keys(0)
+    init_key, _, _ = steps.run_keys(0)
     v = VARIANTS[variant]
     hparams = steps.Hyperparams(jnp.asarray(v.l2_vector((256, 256))),
                                 jnp.asarray(v.dropout_vector((256, 256))))
-    return steps.create_train_state(init_key, MLP(), steps.optimizer(optimizer), hparams)
+    return steps.create_train_state(init_key, MLP(), optim.optimizer(optimizer), hparams)
 
 
 def replay(recording, fit_split, run: str, optimizer: str, n: int = WINDOW):
@@ -55,7 +55,7 @@ def replay(recording, fit_split, run: str, optimizer: str, n: int = WINDOW):
     x, y = fit_split
     state = initial_state(variant, optimizer)
     step = jax.jit(lambda s, b: steps.train_step(s, b, None, model=MLP(),
-                                                 tx=steps.optimizer(optimizer), loss_form=form))
+                                                 tx=optim.optimizer(optimizer), loss_form=form))
     ends = np.cumsum(recording["batch_sizes"])
     losses = []
     for i in range(n):

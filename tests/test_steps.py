@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from mnist_jax import fit, steps
+from mnist_jax import fit, optim, placement, programs, stacks, steps
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import TrainingDiverged
 from mnist_jax.model import MLP
@@ -118,7 +118,7 @@ def test_penalty_touches_exactly_the_named_kernels(variant):
     _, state = state_for(variant)
     params = with_random_biases(state.params)
     grads = jax.grad(l2_penalty)(params, state.hparams.l2, HIDDEN)
-    named = set(VARIANTS[variant].l2_layers)
+    named = set(VARIANTS[variant].at_depth(HIDDEN).l2_layers)
     for name in NAMES:
         assert bool(jnp.any(grads[name]["kernel"] != 0)) == (name in named), name
         assert not jnp.any(grads[name]["bias"])
@@ -197,7 +197,7 @@ def test_fit_trains_with_the_config_s_keras_adam(splits):
                       splits.test_images[:10], splits.test_labels[:10])
     config = TrainConfig(epochs=1, validation_split=0.0)
     result = fit.train(data, "l2", config, seed=2, progress=False)
-    init_key, shuffle_key, _ = fit.run_keys(2)
+    init_key, shuffle_key, _ = steps.run_keys(2)
     start = create_train_state(init_key, MLP(), optimizer(), hparams("l2"))
     p = np_params(start.params)
     m = jax.tree.map(np.zeros_like, p)
@@ -414,10 +414,10 @@ def test_stack_equals_models_trained_alone(small, placement, seeds):
 def test_auto_schedule():
     """Concurrent (sequential when data-parallel) on CPU, the vmapped stack elsewhere."""
     on_cpu = jax.default_backend() == "cpu"
-    assert fit.placement(TrainConfig()) == ("concurrent" if on_cpu else "stack")
-    assert fit.placement(TrainConfig(data_parallel=2)) == ("sequential" if on_cpu else "stack")
-    assert fit.placement(TrainConfig(placement="stack")) == "stack"
-    assert 1 <= fit.workers(8) <= 8 and fit.workers(1) == 1
+    assert placement.resolve(TrainConfig()) == ("concurrent" if on_cpu else "stack")
+    assert placement.resolve(TrainConfig(data_parallel=2)) == ("sequential" if on_cpu else "stack")
+    assert placement.resolve(TrainConfig(placement="stack")) == "stack"
+    assert 1 <= placement.workers(8) <= 8 and placement.workers(1) == 1
 
 
 def test_concurrent_schedule_runs_models_at_once(small, monkeypatch):
@@ -426,7 +426,7 @@ def test_concurrent_schedule_runs_models_at_once(small, monkeypatch):
     monkeypatch.setattr(fit, "workers", lambda n: min(n, 2))
     meet = threading.Barrier(2, timeout=30)
     threads = set()
-    real = fit._train_epoch
+    real = programs.train_epoch_jit
 
     class Spy:
         def lower(self, *args, **kwargs):
@@ -443,7 +443,7 @@ def test_concurrent_schedule_runs_models_at_once(small, monkeypatch):
             return Compiled()
 
     monkeypatch.setattr(fit, "_train_epoch", Spy())
-    monkeypatch.setattr(fit, "_pool", fit._pool.__wrapped__)  # fresh threads for this test
+    monkeypatch.setattr(fit, "_pool", placement.pool.__wrapped__)  # fresh threads for this test
     variants = [VARIANTS["baseline"], VARIANTS["l2"]]
     fit.train_stack(small, variants, (0, 1), TrainConfig(epochs=2, placement="concurrent"),
                     progress=False)
@@ -473,20 +473,21 @@ def test_validation_split_zero_has_no_val_history(splits):
 
 @pytest.mark.parametrize("variants", [("l2_dropout",), tuple(VARIANTS)])
 def test_epoch_updates_the_weights_in_place(small, variants):
-    """With fit.compiler_options() XLA's loop updates the kernels in place; without them
+    """With programs.compiler_options() XLA's loop updates the kernels in place; without them
     XLA:CPU copied the first two kernels every step (6% of a lone model's step, measured).
     XLA:GPU updates them in place either way (seen on an H200). A stack's loop carries one
     models axis: carried as (1, V, ...) and reshaped each step, its kernels were copied too,
     and its first kernels were transposed for one (784, V * 256) matmul (1.44x slower)."""
     stack = fit.new_stack([VARIANTS[n] for n in variants], (0,), TrainConfig())
-    data = fit.epoch_data(small)
-    static = dict(model=stack.model, tx=fit.tx_for(stack.config), batch_size=128,
+    data = stacks.epoch_data(small)
+    static = dict(model=stack.model, tx=optim.for_config(stack.config), batch_size=128,
                   batch_sharding=None)
     copies = r"f32\[(\d+,)*(784,256|256,256)\]\{[\d,]+\} copy\("
     if jax.default_backend() == "cpu" and len(variants) == 1:  # the pattern finds copies
-        plain = fit._train_epoch.lower(stack.state, stack.keys, data, jnp.int32(0), **static)
+        plain = programs.train_epoch_jit.lower(stack.state, stack.keys, data, jnp.int32(0),
+                                               **static)
         assert re.search(copies, plain.compile().as_text())
-    tuned = fit.compile_epoch(stack.state, stack.keys, data, jnp.int32(0), **static).as_text()
+    tuned = programs.compile_epoch(stack.state, stack.keys, data, jnp.int32(0), **static).as_text()
     assert not re.search(copies, tuned)
     if len(variants) > 1:
         wide = len(variants) * 256
@@ -499,7 +500,7 @@ def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
     """Compiled once per process: another seed, variant or learning rate reuses the programs;
     another batch size (other shapes) compiles its own epoch, and shares the evaluation (an
     evaluation batch no other test uses, so that this test compiles it first)."""
-    before = fit._program_slot.cache_info()
+    before = programs.program_slot.cache_info()
     a = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=80, eval_batch_size=1234),
                   progress=False)
     b = fit.train(small, "baseline", TrainConfig(epochs=1, batch_size=80, learning_rate=3e-3,
@@ -507,7 +508,7 @@ def test_a_second_fit_of_the_same_kind_reuses_the_compiled_epoch(small):
                   seed=7, progress=False)
     c = fit.train(small, "l2", TrainConfig(epochs=1, batch_size=112, eval_batch_size=1234),
                   progress=False)
-    after = fit._program_slot.cache_info()
+    after = programs.program_slot.cache_info()
     # misses: a's epoch and evaluation, c's epoch; hits: b's two, c's evaluation
     assert (after.misses - before.misses, after.hits - before.hits) == (3, 3)
     losses = [a.history["loss"], b.history["loss"], c.history["loss"]]
@@ -523,12 +524,12 @@ def test_stack_initialiser_gives_each_model_the_default_compilation_s_state(drop
     variants = [VARIANTS["l2_dropout" if dropout else "l2"],
                 dataclasses.replace(VARIANTS["baseline"], learning_rate=0.01, name="fast")]
     config, seeds = TrainConfig(), (3, 7)
-    model, state, keys = fit.init_stack(variants, seeds, config)
+    model, state, keys = stacks.init_stack(variants, seeds, config)
     assert model.dropout == dropout
-    tx = fit.tx_for(config)
+    tx = optim.for_config(config)
     default = jax.jit(create_train_state, static_argnames=("model", "tx"))
     for s, seed in enumerate(seeds):
-        init_key, shuffle_key, dropout_key = fit.run_keys(seed)
+        init_key, shuffle_key, dropout_key = steps.run_keys(seed)
         for got, expected in ((keys.shuffle[s], shuffle_key), (keys.dropout[s], dropout_key)):
             np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
         for v, variant in enumerate(variants):
@@ -617,7 +618,7 @@ def test_prepared_rows_reach_the_cpu_device_without_a_copy(mnist, splits):
     """`prepare` leaves the rows back to back in one read-only, 64-byte aligned buffer, which
     XLA:CPU uses in place; the rows are Keras's, train, validation, test in order. A Splits of
     separate arrays is copied into one, in the same order."""
-    data = fit.epoch_data(splits)
+    data = stacks.epoch_data(splits)
     assert not splits.train_images.flags.writeable and not splits.test_labels.flags.writeable
     if jax.default_backend() == "cpu":
         assert data.images.unsafe_buffer_pointer() == splits.train_images.ctypes.data
@@ -631,7 +632,7 @@ def test_prepared_rows_reach_the_cpu_device_without_a_copy(mnist, splits):
     own = fit.Splits(*(np.array(a[:7]) for a in (
         splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
         splits.test_images, splits.test_labels)))
-    placed = fit.epoch_data(own)
+    placed = stacks.epoch_data(own)
     np.testing.assert_array_equal(np.asarray(placed.images), np.concatenate(
         [splits.train_images[:7], splits.val_images[:7], splits.test_images[:7]]))
     assert (placed.n_train, placed.n_val, len(placed.images)) == (7, 7, 21)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_jax import fit, parallel, sweep
+from mnist_jax import fit, optim, placement, programs, stacks, sweep
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.stats import t_quantile_975
 
@@ -117,10 +117,10 @@ def test_models_split_over_four_devices_train_as_on_one(small):
         stack.model = stack.model.clone(row_major_transposes=False)
         fit.fit(stack, small, progress=False, halt_on_divergence=False)
         runs[mp] = stack
-    assert runs[4].state.params["hidden_1"]["kernel"].sharding.spec[1] == parallel.MODELS_AXIS
+    assert runs[4].state.params["hidden_1"]["kernel"].sharding.spec[1] == placement.MODELS_AXIS
     # The weights bit for bit; the epoch's mean training loss, a sum XLA vectorises over
     # the models a device holds, may differ in its last bit (measured: 1 ulp, one model).
-    for a, b in zip(jax.tree.leaves(parallel.to_host(runs[4].state)),
+    for a, b in zip(jax.tree.leaves(placement.to_host(runs[4].state)),
                     jax.tree.leaves(runs[1].state), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
     for p in points:
@@ -129,13 +129,13 @@ def test_models_split_over_four_devices_train_as_on_one(small):
     assert runs[1].histories[points[0].name] != runs[1].histories[points[-1].name]
 
     stack = runs[4]
-    mesh = parallel.models_mesh(4)
-    epoch = fit.compile_epoch(
-        fit.place_state(stack.state, stack.config), parallel.put(stack.keys, mesh),
-        fit.epoch_data(small, mesh), jax.numpy.asarray(0, jax.numpy.int32), model=stack.model,
-        tx=fit.tx_for(stack.config), batch_size=128,
+    mesh = placement.models_mesh(4)
+    epoch = programs.compile_epoch(
+        placement.place_state(stack.state, stack.config), placement.put(stack.keys, mesh),
+        stacks.epoch_data(small, mesh), jax.numpy.asarray(0, jax.numpy.int32), model=stack.model,
+        tx=optim.for_config(stack.config), batch_size=128,
         batch_sharding=None, loss_form="logits", halt_on_divergence=False,
-        models_sharding=parallel.models_sharding(mesh))
+        models_sharding=placement.models_sharding(mesh))
     collectives = re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|"
                              r"reduce-scatter", epoch.as_text())
     assert not collectives

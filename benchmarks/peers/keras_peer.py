@@ -42,7 +42,7 @@ def main() -> None:
     x_test = preprocessing.scale(preprocessing.flatten(mnist.test_images))
     y_test = preprocessing.one_hot(mnist.test_labels)
     for name in args.variants.split(","):
-        variant = VARIANTS[name]
+        variant = VARIANTS[name].at_depth((256, 256))
         keras.utils.set_random_seed(args.seed)
         layers = [keras.Input((784,))]
         for layer in ("hidden_1", "hidden_2"):

@@ -38,11 +38,11 @@ def initial_weights():
     import jax
     import numpy as np
 
-    from mnist_jax import fit
+    from mnist_jax import steps
     from mnist_jax.config import dense_names
     from mnist_jax.model import MLP
 
-    init_key, _, _ = fit.run_keys(0)
+    init_key, _, _ = steps.run_keys(0)
     params = MLP().init(init_key, jax.numpy.zeros((1, 784), jax.numpy.float32))["params"]
     return [np.asarray(params[name][p]) for name in dense_names((256, 256))
             for p in ("kernel", "bias")]
@@ -61,7 +61,7 @@ def record(variant_name: str, form: str, weights, x, y, batches):
 
     from mnist_jax.config import VARIANTS
 
-    variant = VARIANTS[variant_name]
+    variant = VARIANTS[variant_name].at_depth((256, 256))
     layers = [keras.Input((784,))]
     for name in ("hidden_1", "hidden_2"):
         reg = keras.regularizers.l2(variant.l2) if name in variant.l2_layers else None

@@ -1,8 +1,17 @@
-"""Data parallelism with JAX's own sharding: a Mesh with a 'data' axis, the batch split over
-it, gradients reduced by the compiler; several hosts through jax.distributed."""
+"""Where arrays and models live: meshes and shardings, how a stack's models share the
+devices, and the host side of several processes (jax.distributed).
+
+Data parallelism splits each batch over a 'data' mesh axis, the compiler reducing the
+gradients; model parallelism splits a stack's variants axis over a 'models' axis, each device
+training its share with no collectives; on one device the models run in one vmapped program
+('stack'), one after another ('sequential') or several at once from host threads
+('concurrent').
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
 from typing import Any
 
@@ -10,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mnist_jax import runtime
+from mnist_jax.config import TrainConfig
 from mnist_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -132,3 +143,50 @@ def to_host(tree: Any) -> Any:
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+# --- a config's placement ------------------------------------------------------------------------
+
+def resolve(config: TrainConfig) -> str:
+    """How the models of a stack share the device: `config.placement`, with 'auto' resolved.
+
+    'auto' picks concurrent on CPU, where a lone batch-128 step cannot keep two cores busy
+    (docs/benchmarks.md), sequential on CPU with --data-parallel (concurrent programs'
+    collectives could interleave), and the stack on accelerators, which it keeps busy.
+    """
+    if config.placement != "auto":
+        return config.placement
+    if jax.default_backend() != "cpu" or config.model_parallel > 1:
+        return "stack"
+    return "concurrent" if config.data_parallel == 1 else "sequential"
+
+
+def workers(n_models: int) -> int:
+    """Host threads of the concurrent placement: one per CPU core this process may use."""
+    return max(1, min(n_models, runtime.usable_cores()))
+
+
+@functools.cache
+def pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The concurrent placement's threads, made once per process."""
+    return concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="mnist_jax-model")
+
+
+def batch_mesh(config: TrainConfig) -> Mesh | None:
+    """The mesh each batch is split over, or None (one device, or the models split instead:
+    with several hosts `data_mesh(1)` is one device of the first host)."""
+    return None if config.model_parallel > 1 else data_mesh(config.data_parallel)
+
+
+def devices_mesh(config: TrainConfig) -> Mesh | None:
+    """The mesh a stack's data (replicated) and keys live on: the batch mesh, or the one its
+    models are split over, or None for the default device."""
+    return batch_mesh(config) or models_mesh(config.model_parallel)
+
+
+def place_state(state: Any, config: TrainConfig) -> Any:
+    """A stack's state on its devices: replicated for data parallelism, the variants axis
+    split over `config.model_parallel` devices, or on the default device."""
+    if config.model_parallel > 1:
+        return put_models(state, models_mesh(config.model_parallel))
+    return put(state, batch_mesh(config))

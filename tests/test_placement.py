@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax import fit, parallel
+from mnist_jax import fit, optim, placement, programs, stacks
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import ConfigError
 
@@ -41,7 +41,7 @@ def test_four_devices_give_the_single_device_history(small):
         np.testing.assert_allclose(four.histories["dropout"][0][key], values, rtol=1e-5)
     # Adam amplifies float32 rounding where a gradient is tiny: atol is 1% of one lr step.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 parallel.to_host(four.state.params), parallel.to_host(one.state.params))
+                 placement.to_host(four.state.params), placement.to_host(one.state.params))
     test = fit.evaluate_models(four, small.test_images, small.test_labels)
     np.testing.assert_allclose(test["accuracy"],
                                fit.evaluate_models(one, small.test_images,
@@ -63,21 +63,22 @@ def test_a_vmapped_stack_on_four_devices_gives_its_single_device_history(small):
             for key, values in one.histories[name][s].items():
                 np.testing.assert_allclose(four.histories[name][s][key], values, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 parallel.to_host(four.state.params), parallel.to_host(one.state.params))
+                 placement.to_host(four.state.params), placement.to_host(one.state.params))
 
 
 def test_the_batch_really_is_split_over_the_devices(small):
     stack = train(small, 4, variants=("baseline", "l2"), seeds=(0, 1))
     kernel = stack.state.params["hidden_1"]["kernel"]
     assert len(kernel.sharding.device_set) == 4 and kernel.sharding.is_fully_replicated
-    mesh = parallel.data_mesh(4)
-    data = fit.epoch_data(small, mesh)
+    mesh = placement.data_mesh(4)
+    data = stacks.epoch_data(small, mesh)
     assert len(data.images.sharding.device_set) == 4
-    sharding = parallel.batch_sharding(mesh)
-    hlo = fit._train_epoch.lower(
+    sharding = placement.batch_sharding(mesh)
+    hlo = programs.train_epoch_jit.lower(
         stack.state, stack.keys, data, jnp.int32(0), model=stack.model,
-        tx=fit.tx_for(stack.config), batch_size=128, batch_sharding=sharding).compile().as_text()
-    evaluation = fit._evaluate_rows.lower(
+        tx=optim.for_config(stack.config), batch_size=128,
+        batch_sharding=sharding).compile().as_text()
+    evaluation = programs.evaluate_rows_jit.lower(
         stack.state, data.images, data.labels, np.int32(0), np.int32(1000),
         model=stack.model, batch_size=1000, batch_sharding=sharding).compile().as_text()
     # The per-device programs compute the hidden activations of a quarter of each batch: 32
@@ -94,8 +95,8 @@ def test_data_parallel_must_divide_the_batch():
     with pytest.raises(ConfigError, match="multiples of --data-parallel 3"):
         TrainConfig(data_parallel=3).validate()
     with pytest.raises(ConfigError, match="this run sees 4 device"):
-        parallel.resolve_devices(5)
-    assert parallel.resolve_devices("all") == 4
+        placement.resolve_devices(5)
+    assert placement.resolve_devices("all") == 4
     with pytest.raises(ConfigError, match="concurrent .* --data-parallel 2 .* sequential or stack"):
         TrainConfig(data_parallel=2, placement="concurrent").validate()
 
