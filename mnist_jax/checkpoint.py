@@ -1,6 +1,8 @@
-"""Checkpoints with orbax, one per epoch: the whole stack (parameters, optimizer state, RNG
-keys), the epoch and the histories. Orbax writes each into a temporary directory and renames
-it when complete, so a kill at any moment leaves the previous checkpoint intact.
+"""Checkpoints with orbax: the whole stack (parameters, optimizer state, RNG keys), the epoch
+and the histories, saved by time (`Saver`: after an epoch once `EVERY_SECONDS` have passed,
+and always after the last epoch and on a stop signal). Orbax writes each into a temporary
+directory and renames it when complete, so a kill at any moment leaves the previous checkpoint
+intact.
 
 Each checkpoint also records a SHA-256 digest of every file it wrote, of every array and of its
 metadata. A restore checks them all, and a checkpoint that fails (damaged, truncated, missing
@@ -87,9 +89,9 @@ def save(mgr: ocp.CheckpointManager, stack: stacks.Stack) -> None:
                          f"{Path(mgr.directory) / str(stack.epochs_done)}: {cause(e)}") from e
 
 
-# Seconds of training between checkpoints by default: a checkpoint of the study's four models
-# cost ~70 ms (orbax's save, the digests) against an epoch of ~0.8 s on 2 CPU cores, 1.4 s
-# of a 20-epoch run. A kill loses at most this much work; a resume is exact either way.
+# Seconds of training between checkpoints by default: a save after every epoch made a short
+# study measurably slower (docs/design.md). A kill loses at most this much work; a resume is
+# exact either way.
 EVERY_SECONDS = 10.0
 
 

@@ -280,9 +280,8 @@ def _sweep_config(args):
     given must agree with."""
     import jax
 
-    from mnist_jax import sweep
+    from mnist_jax import rundir, sweep
     from mnist_jax.config import TrainConfig, parse_seeds
-    from mnist_jax.experiment import load_run_config
 
     model_parallel = args.model_parallel
     if model_parallel is not None:
@@ -302,7 +301,7 @@ def _sweep_config(args):
              "originals": None if args.no_originals is None else False, "chunk": args.chunk}
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume is not None:
-        saved = load_run_config(args.resume, sweep.SweepConfig)
+        saved = rundir.load_config(args.resume, sweep.SweepConfig, "sweep")
         _agree([(k, v, getattr(saved, k)) for k, v in given.items()]
                + [(k, v, getattr(saved.train, k)) for k, v in train.items()]
                + ([("model_parallel", model_parallel, saved.train.model_parallel)]
@@ -379,8 +378,9 @@ def cmd_eda(args) -> int:
 def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int, ...] | None):
     """The config from the flags; with --resume, the run's saved config, which the flags given
     must agree with."""
+    from mnist_jax import rundir
     from mnist_jax.config import DROPOUT, L2, TrainConfig
-    from mnist_jax.experiment import ExperimentConfig, load_run_config
+    from mnist_jax.experiment import ExperimentConfig
 
     data_parallel = args.data_parallel
     if data_parallel is not None:
@@ -397,7 +397,7 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
                                      "train": TrainConfig(**given)})
         _check_used(config, args)
         return config
-    saved = load_run_config(args.resume)
+    saved = rundir.load_config(args.resume, ExperimentConfig, args.command)
     pairs = [(key, value, getattr(saved, key)) for key, value in top.items()]
     pairs += [(key, value, getattr(saved.train, key)) for key, value in given.items()]
     _agree(pairs)

@@ -1,20 +1,15 @@
 """Atomic file writes (a reader sees the old file or the new one, never half of either) with
-the permissions the user's umask gives, and the lock that keeps one writer per run directory."""
+the permissions the user's umask gives."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
 import json
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from mnist_jax.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -70,41 +65,3 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` as indented JSON to `path` atomically; NaN and infinity are rejected."""
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-@contextlib.contextmanager
-def exclusive(directory: str | os.PathLike, flag: str = "--out") -> Iterator[None]:
-    """Holds an exclusive lock on `directory` (created if missing) for the block: one writer per
-    run directory. The kernel releases a flock when its holder dies, so a SIGKILLed run leaves
-    no stale lock. A second holder is refused with ConfigError naming the first (pid, host)."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise ConfigError(f"{flag} {directory} is not writable ({e.strerror}); choose "
-                          f"another {flag}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            holder = {}
-        os.close(fd)
-        raise ConfigError(
-            f"{flag} {directory} is in use by another run (pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to "
-            f"finish or stop it, or choose another {flag}") from None
-    try:
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": datetime.datetime.now().astimezone().isoformat(
-                                 timespec="seconds")}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-LOCK_FILE = ".lock"

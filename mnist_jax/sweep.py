@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, placement, stats
+from mnist_jax import files, fit, placement, rundir, stats
 from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
@@ -37,6 +37,7 @@ from mnist_jax.config import (
     resolve_layers,
 )
 from mnist_jax.errors import ConfigError, Interrupted
+from mnist_jax.experiment import draw_figures
 
 SEARCHES = ("grid", "random", "tpe")
 GRID_L2 = (0.0, 1e-5, 1e-4, 1e-3)
@@ -46,7 +47,6 @@ RANGE_DROPOUT = (0.0, 0.6)  # uniform
 ORIGINAL_LR = 1e-3  # the study's Adam learning rate: the original variants are trained at it
 MAX_MODELS_PER_CHUNK = 1024
 TPE_BATCH = 8  # trials asked, trained together, then told, by default
-CHUNKS = "chunks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +381,7 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
     tpe = TPE(config) if config.search == "tpe" else None
     total = len(fixed) if fixed is not None else config.samples + len(originals(config))
     size = config.chunk or auto_chunk(config, total)
-    (out / CHUNKS).mkdir(parents=True, exist_ok=True)
+    (out / rundir.CHUNKS).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     index, drawn = 0, 0
     n_chunks = math.ceil(total / size) if fixed is not None else None
@@ -396,12 +396,12 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
             drawn += len(points)
         if not points:
             break
-        path = out / CHUNKS / f"{index:04d}.json"
+        path = out / rundir.CHUNKS / f"{index:04d}.json"
         done = load_chunk(path, points, echo) if resume else None
         what = f"chunk {index + 1}" + (f" of {n_chunks}" if n_chunks else "")
         if done is None:
             echo(f"{what}: {len(points)} configuration(s) x {len(config.seeds)} seed(s)")
-            directory = out / "checkpoints" / f"chunk_{index:04d}"
+            directory = out / rundir.CHECKPOINTS / f"chunk_{index:04d}"
             done = _train_chunk(config, points, splits, directory, resume=resume,
                                 progress=progress, echo=echo, interrupt=interrupt,
                                 resume_with=resume_with, what=what,
@@ -430,7 +430,6 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                  echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
                  what: str, checkpoint_every: float | None) -> dict[str, Any]:
     from mnist_jax import checkpoint  # orbax is slow to import: only when training
-    from mnist_jax.experiment import checkpoint_hook
 
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
@@ -442,8 +441,8 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
 
         save = checkpoint.Saver(mgr, checkpoint.EVERY_SECONDS if checkpoint_every is None
                                 else checkpoint_every)
-        on_epoch_end = checkpoint_hook(save, interrupt, config.train.epochs, resume_with,
-                                       f" of {what}")
+        on_epoch_end = rundir.checkpoint_hook(save, interrupt, config.train.epochs, resume_with,
+                                              f" of {what}")
 
         t0 = time.perf_counter()
         fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end,
@@ -534,8 +533,6 @@ def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
 def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[str, str]:
     """Heatmaps (a grid: one per learning rate) or a scatter of the points, and the curves of
     the best five beside the original variants; returns their paths relative to `out`."""
-    from mnist_jax.experiment import draw_figures
-
     confs = metrics["configurations"]
     chosen = metrics["selection"]["configuration"]
     n_seeds = len(config.seeds)
@@ -611,7 +608,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
     figures/ and, with `tensorboard`, event files. Returns what metrics.json holds."""
     import datetime
 
-    from mnist_jax import experiment, files, report, runtime
+    from mnist_jax import report, runtime
     from mnist_jax import tensorboard as tb
     from mnist_jax.data import check_data_dir, load_mnist
 
@@ -622,8 +619,8 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
     out = Path(out_dir)
     primary = jax.process_index() == 0
     resume_with = f"mnist-jax sweep --resume {out}"
-    with experiment.held_run_dir(out, config, resume=resume, overwrite=overwrite,
-                                 command="sweep", primary=primary) as complete:
+    with rundir.hold(out, config, resume=resume, overwrite=overwrite, command="sweep",
+                     primary=primary) as complete:
         if complete is not None:
             echo(f"the sweep in {out} is complete: nothing to resume")
             return json.loads((out / "metrics.json").read_text())
@@ -633,12 +630,11 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
         splits = fit.prepare(mnist, config.train.validation_split)
 
         def saved() -> tuple[dict[str, Any], str]:
-            done = len(list((out / CHUNKS).glob("*.json")))
+            done = len(list((out / rundir.CHUNKS).glob("*.json")))
             return {"chunks_done": done}, f"{done} chunk(s) finished and saved"
 
-        with experiment.deferred_interrupt(echo) as interrupt:
-            with experiment.recording_outcome(out, primary, resume_with,
-                                              lambda: saved()[0], saved):
+        with rundir.deferred_interrupt(echo) as interrupt:
+            with rundir.recording_outcome(out, primary, resume_with, lambda: saved()[0], saved):
                 results = run_sweep(config, splits, out, resume=resume, progress=progress,
                                     echo=echo, interrupt=interrupt, resume_with=resume_with,
                                     checkpoint_every=checkpoint_every)
@@ -664,7 +660,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
                     metrics["timing"]["wall_seconds"] = time.perf_counter() - t_start
                     report.write_sweep(out, metrics)
             if primary:
-                experiment.set_status(out, "complete", chunks_done=saved()[0]["chunks_done"])
+                rundir.set_status(out, "complete", chunks_done=saved()[0]["chunks_done"])
     return metrics
 
 

@@ -198,8 +198,8 @@ def test_one_writer_per_run_directory(mnist, tmp_path, capsys):
 
 HOLDER = """
 import sys, time
-from mnist_jax import files
-with files.exclusive(sys.argv[1]):
+from mnist_jax import rundir
+with rundir.exclusive(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
