@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mnist_jax import parallel, preprocessing, runtime
+from mnist_jax import kernels, parallel, preprocessing, runtime
 from mnist_jax.config import VARIANTS, TrainConfig, Variant
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, TrainingDiverged
@@ -180,11 +180,7 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     """The model, a fresh (S, V) stack of states, and the per-seed keys."""
     for variant in variants:
         variant.validate(config.hidden)
-    model = MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
-                dropout_rng=config.dropout_rng,
-                dtype=None if config.dtype == "float32" else config.dtype,
-                precision=None if config.matmul_precision == "default" else "highest",
-                row_major_transposes=config.data_parallel == 1 and config.model_parallel == 1)
+    model = model_for(config, dropout=any(v.dropout > 0 for v in variants))
     state, keys = _init_program()(
         tuple(jax.random.key(seed) for seed in seeds),
         np.array([v.learning_rate_or(config.learning_rate) for v in variants], np.float32),
@@ -192,6 +188,17 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         np.array([v.dropout_vector(config.hidden) for v in variants], np.float32),
         model=model, tx=tx_for(config))
     return model, state, keys
+
+
+def model_for(config: TrainConfig, dropout: bool) -> MLP:
+    """The MLP of a config: its widths, dtype, precision and dropout generator, with dropout
+    layers if `dropout`; the row-major matmul unless a batch or the models are split."""
+    unsplit = config.data_parallel == 1 and config.model_parallel == 1
+    return MLP(hidden=config.hidden, dropout=dropout,
+               dtype=None if config.dtype == "float32" else config.dtype,
+               precision=None if config.matmul_precision == "default" else "highest",
+               dot_general=kernels.RowMajorDot if unsplit else kernels.Dot,
+               dropout_bits=kernels.dropout_bits(config.dropout_rng))
 
 
 def tx_for(config: TrainConfig) -> optax.GradientTransformation:
