@@ -4,9 +4,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from mnist_jax.kernels import dropout_bits, hash_bits, matmul, threefry_bits
+from mnist_jax.kernels import Dot, RowMajorDot, dropout_bits, hash_bits, matmul, threefry_bits
 from mnist_jax.model import MLP
+
+DENSE_DIMS = (((1,), (0,)), ((), ()))
+
+
+def test_kernels_compare_and_hash_by_value():
+    """A model holding a kernel is a static argument of jitted programs: equal kernels must
+    be equal and hash alike between calls, or each call would compile anew."""
+    for kernel in (Dot, RowMajorDot):
+        assert kernel(jnp.bfloat16) == kernel(jnp.bfloat16)
+        assert hash(kernel(jnp.bfloat16)) == hash(kernel(jnp.bfloat16))
+        assert kernel() == kernel(jnp.float32) != kernel(jnp.bfloat16)
+    assert Dot() != RowMajorDot()
+    assert dropout_bits("hash") == dropout_bits("hash")
+
+
+@pytest.mark.parametrize("kernel", [Dot, RowMajorDot])
+def test_dense_kernels_compute_dense_with_gradients_by_numpy(kernel):
+    """Each kernel is what nn.Dense calls: x @ W (Dense adds b), float32, and the gradients
+    of both operands; it takes exactly Dense's arguments (no keyword is silently dropped)."""
+    kx, kc = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (6, 40))
+    c = np.asarray(jax.random.normal(kc, (6, 7)), np.float64)
+    dense = nn.Dense(7, dot_general=kernel(jnp.float32))
+    params = dense.init(jax.random.key(0), x)["params"]
+    w = np.asarray(params["kernel"], np.float64)
+    np.testing.assert_allclose(dense.apply({"params": params}, x), np.asarray(x) @ w,
+                               rtol=1e-5, atol=1e-5)
+    dx, dp = jax.grad(lambda x, p: (dense.apply({"params": p}, x) * c).sum(),
+                      argnums=(0, 1))(x, params)
+    np.testing.assert_allclose(dx, c @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["kernel"], np.asarray(x, np.float64).T @ c,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        kernel()(x, params["kernel"], DENSE_DIMS, None, preferred_element_type=jnp.float32)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -74,6 +74,31 @@ def dropout(x, rate, key, rng="hash"):
                                                          rngs={"dropout": key})
 
 
+def odd_units_bits(key, shape):
+    """Bits that drop every even unit at any rate > 0 and keep every odd one."""
+    del key
+    odd = jax.lax.iota(jnp.uint32, shape[-1]) % 2 == 1
+    return jnp.broadcast_to(jnp.where(odd, jnp.uint32(2**32 - 1), jnp.uint32(0)), shape)
+
+
+def test_dropout_draws_its_bits_from_the_function_it_is_given(params, splits):
+    x = jnp.arange(1.0, 9.0).reshape(2, 4)
+    y = Dropout(bits=odd_units_bits).apply({}, x, jnp.float32(0.5),
+                                           rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(y, [[0, 4, 0, 8], [0, 12, 0, 16]])
+    # Through the MLP: each hidden layer's even units dropped, its odd ones doubled.
+    model = MLP(dropout=True, dropout_bits=odd_units_bits)
+    images = splits.test_images[:8]
+    logits = model.apply({"params": params}, images, jnp.array([0.5, 0.5]), train=True,
+                         rngs={"dropout": jax.random.key(1)})
+    h = images
+    for name in ("hidden_1", "hidden_2"):
+        h = np.maximum(h @ params[name]["kernel"] + params[name]["bias"], 0)
+        h[:, ::2], h[:, 1::2] = 0, 2 * h[:, 1::2]
+    np.testing.assert_allclose(logits, h @ params["output"]["kernel"] + params["output"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rng", ["hash", "threefry"])
 @pytest.mark.parametrize("rate", [0.1, 0.45, 0.9])
 def test_dropout_keep_rate_and_scaling(rate, rng):
@@ -196,3 +221,33 @@ def test_the_train_config_s_precision_reaches_the_model():
         stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)
         assert (stack.model.dtype, stack.model.precision) == (dtype, precision)
         assert jax.tree.leaves(stack.state.params)[0].dtype == jnp.float32
+
+
+def test_models_of_equal_configs_are_equal_and_hash_alike():
+    """The MLP is a static argument of the jitted init, epoch and evaluation: models built
+    from equal configs must be equal and hash alike, or every call would compile anew (a
+    `functools.partial` or lambda field compares by identity)."""
+    from mnist_jax import fit
+    from mnist_jax.config import TrainConfig
+
+    for settings in ({}, {"dtype": "bfloat16", "matmul_precision": "highest"},
+                     {"dropout_rng": "threefry"}, {"placement": "stack", "model_parallel": 4},
+                     {"data_parallel": 2}):
+        a = fit.model_for(TrainConfig(**settings), dropout=True)
+        b = fit.model_for(TrainConfig(**settings), dropout=True)
+        assert a == b and hash(a) == hash(b), settings
+    assert fit.model_for(TrainConfig(), dropout=False) == MLP()
+
+
+def test_the_train_config_picks_the_kernels():
+    """The row-major matmul unless a batch or the models are split over devices; the
+    config's dropout generator."""
+    from mnist_jax import fit
+    from mnist_jax.config import TrainConfig
+
+    for settings, dot in (({}, kernels.RowMajorDot),
+                          ({"placement": "stack", "model_parallel": 4}, kernels.Dot),
+                          ({"data_parallel": 2}, kernels.Dot)):
+        assert fit.model_for(TrainConfig(**settings), dropout=True).dot_general is dot
+    for rng, bits in (("hash", kernels.hash_bits), ("threefry", kernels.threefry_bits)):
+        assert fit.model_for(TrainConfig(dropout_rng=rng), dropout=True).dropout_bits is bits
