@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mnist_jax import optim, placement, preprocessing, programs
+from mnist_jax import kernels, optim, placement, preprocessing, programs
 from mnist_jax.config import TrainConfig, Variant
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError
@@ -148,13 +148,15 @@ class Stack:
         return programs.model_of(self.state.params, seed_index, v)
 
 
-def model_for(variants: Sequence[Variant], config: TrainConfig) -> MLP:
-    """The module a stack of these variants trains with this config."""
-    return MLP(hidden=config.hidden, dropout=any(v.dropout > 0 for v in variants),
-               dropout_rng=config.dropout_rng,
+def model_for(config: TrainConfig, dropout: bool) -> MLP:
+    """The MLP of a config: its widths, dtype, precision and dropout generator, with dropout
+    layers if `dropout`; the row-major matmul unless a batch or the models are split."""
+    unsplit = config.data_parallel == 1 and config.model_parallel == 1
+    return MLP(hidden=config.hidden, dropout=dropout,
                dtype=None if config.dtype == "float32" else config.dtype,
                precision=None if config.matmul_precision == "default" else "highest",
-               row_major_transposes=config.data_parallel == 1 and config.model_parallel == 1)
+               dot_general=kernels.RowMajorDot if unsplit else kernels.Dot,
+               dropout_bits=kernels.dropout_bits(config.dropout_rng))
 
 
 def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainConfig,
@@ -162,7 +164,7 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     """The model, a fresh (S, V) stack of states, and the per-seed keys."""
     for variant in variants:
         variant.validate(config.hidden)
-    model = model_for(variants, config)
+    model = model_for(config, dropout=any(v.dropout > 0 for v in variants))
     state, keys = programs.init_program()(
         tuple(jax.random.key(seed) for seed in seeds),
         np.array([v.learning_rate_or(config.learning_rate) for v in variants], np.float32),

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnist_jax import kernels, stacks
 from mnist_jax.model import (
     MLP,
     Dropout,
     count_params,
     dense_names,
     forward_flops_per_sample,
-    random_bits,
     summary,
     train_flops_per_sample,
 )
@@ -70,7 +70,33 @@ def test_dropout_is_off_at_evaluation_and_on_in_training(params, splits):
 
 
 def dropout(x, rate, key, rng="hash"):
-    return Dropout(rng=rng).apply({}, x, jnp.float32(rate), rngs={"dropout": key})
+    return Dropout(bits=kernels.dropout_bits(rng)).apply({}, x, jnp.float32(rate),
+                                                         rngs={"dropout": key})
+
+
+def odd_units_bits(key, shape):
+    """Bits that drop every even unit at any rate > 0 and keep every odd one."""
+    del key
+    odd = jax.lax.iota(jnp.uint32, shape[-1]) % 2 == 1
+    return jnp.broadcast_to(jnp.where(odd, jnp.uint32(2**32 - 1), jnp.uint32(0)), shape)
+
+
+def test_dropout_draws_its_bits_from_the_function_it_is_given(params, splits):
+    x = jnp.arange(1.0, 9.0).reshape(2, 4)
+    y = Dropout(bits=odd_units_bits).apply({}, x, jnp.float32(0.5),
+                                           rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(y, [[0, 4, 0, 8], [0, 12, 0, 16]])
+    # Through the MLP: each hidden layer's even units dropped, its odd ones doubled.
+    model = MLP(dropout=True, dropout_bits=odd_units_bits)
+    images = splits.test_images[:8]
+    logits = model.apply({"params": params}, images, jnp.array([0.5, 0.5]), train=True,
+                         rngs={"dropout": jax.random.key(1)})
+    h = images
+    for name in ("hidden_1", "hidden_2"):
+        h = np.maximum(h @ params[name]["kernel"] + params[name]["bias"], 0)
+        h[:, ::2], h[:, 1::2] = 0, 2 * h[:, 1::2]
+    np.testing.assert_allclose(logits, h @ params["output"]["kernel"] + params["output"]["bias"],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rng", ["hash", "threefry"])
@@ -93,36 +119,6 @@ def test_dropout_keys():
     np.testing.assert_array_equal(a, b)
     assert (np.asarray(a) != np.asarray(c)).mean() > 0.3
     np.testing.assert_array_equal(dropout(x, 0.0, jax.random.key(7)), x)
-
-
-def test_hash_bits_look_random():
-    """Each bit is a fair coin, and masks of different keys, neighbouring units and the two
-    layers are uncorrelated (all within 5 standard errors)."""
-    key = jax.random.key(11)
-    bits = np.asarray(random_bits(key, (2, 128, 256)))
-    n = bits[0].size
-    for b in range(32):
-        assert abs(((bits >> b) & 1).mean() - 0.5) < 5 * 0.5 / np.sqrt(bits.size), b
-    keep = (bits >= np.uint32(0.45 * 2**32)).astype(np.float64)
-    other = (np.asarray(random_bits(jax.random.fold_in(key, 1), (2, 128, 256)))
-             >= np.uint32(0.45 * 2**32)).astype(np.float64)
-
-    def corr(a, b):
-        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
-
-    bound = 5 / np.sqrt(n)
-    assert abs(corr(keep[0], other[0])) < bound  # next step
-    assert abs(corr(keep[0], keep[1])) < bound  # the other layer
-    assert abs(corr(keep[0][:, 1:], keep[0][:, :-1])) < bound  # neighbouring units
-    assert abs(corr(keep[0][1:], keep[0][:-1])) < bound  # neighbouring samples
-
-
-def test_threefry_bits_are_jax_random_bits():
-    key = jax.random.key(5)
-    np.testing.assert_array_equal(random_bits(key, (4, 8), "threefry"),
-                                  jax.random.bits(key, (4, 8), jnp.uint32))
-    with pytest.raises(ValueError, match="unknown dropout generator"):
-        random_bits(key, (4,), "mt19937")
 
 
 def test_summary_table():
@@ -184,87 +180,6 @@ def _dot_signatures(closed_jaxpr) -> list[tuple[str, str, str]]:
     return found
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matmul_gradients_match_numpy(dtype):
-    """The hand-written gradients of `matmul` against NumPy in float64 on the operands
-    rounded to `dtype`, with two leading batch axes (the reshape of x^T), and vmapped over
-    models (the stack placement)."""
-    import ml_dtypes
-
-    from mnist_jax.model import matmul
-
-    kx, kw, kc = jax.random.split(jax.random.key(3), 3)
-    x = jax.random.normal(kx, (2, 3, 40))
-    w = jax.random.normal(kw, (40, 7))
-    c = jax.random.normal(kc, (2, 3, 7))  # the cotangent, through sum(out * c)
-
-    def f(x, w):
-        return (matmul(x, w, jnp.dtype(dtype)) * c).sum()
-
-    out, (dx, dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w)
-
-    def rounded(a):
-        a = np.asarray(a)
-        return (a.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else a).astype(np.float64)
-
-    xr, wr, cr = rounded(x), rounded(w), rounded(c)
-    np.testing.assert_allclose(out, ((xr @ wr) * np.asarray(c, np.float64)).sum(), rtol=1e-5)
-    np.testing.assert_allclose(dx, cr @ wr.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, xr.reshape(6, 40).T @ cr.reshape(6, 7), rtol=1e-5, atol=1e-5)
-    assert dx.dtype == dw.dtype == jnp.float32
-    xs, ws = jnp.stack([x, -x]), jnp.stack([w, 2 * w])
-    bx, bw = jax.vmap(jax.grad(f, argnums=(0, 1)))(xs, ws)
-    for m in range(2):
-        one = jax.grad(f, argnums=(0, 1))(xs[m], ws[m])
-        np.testing.assert_allclose(bx[m], one[0], rtol=1e-5, atol=1e-6)  # rounding only
-        np.testing.assert_allclose(bw[m], one[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled program")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_training_gradient_compiles_to_fast_products_on_cpu(dtype):
-    """In the compiled training gradient every product is XLA:CPU's fast kind: operands of
-    the compute dtype and a row-major left operand. The kernel gradient's transpose, if XLA
-    folds it back into the product, sends it to a slower fallback (in bfloat16 also with its
-    operands converted to float32), as does a bfloat16 result (docs/benchmarks.md)."""
-    import optax
-
-    model = MLP(dtype=None if dtype == "float32" else dtype, dropout=True)
-    x = jax.random.uniform(jax.random.key(1), (128, 784))
-    y = jnp.arange(128) % 10
-    params = model.init(jax.random.key(0), x)["params"]
-
-    def loss(p):
-        logits = model.apply({"params": p}, x, jnp.array([0.2, 0.2]), train=True,
-                             rngs={"dropout": jax.random.key(2)})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    dots = _compiled_dots(hlo)
-    kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
-    assert len(dots) == 8, hlo
-    assert {d[:2] for d in dots} == {(kind, kind)}, dots
-    assert all(d[2] == "1" for d in dots), dots  # the left operand contracted on its last axis
-
-
-def _compiled_dots(hlo: str) -> list[tuple[str, str, str]]:
-    """(lhs type, rhs type, lhs contracting axis) of every dot in an optimized HLO module's
-    text (its 2-D products)."""
-    import re
-
-    found, types = [], {}
-    for line in hlo.splitlines():
-        if line.rstrip().endswith("{") and "=" not in line.split("(")[0]:
-            types = {}  # a new computation: its own names
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
-        if m:
-            types[m.group(1)] = m.group(2)
-        d = re.search(r" dot\(%([^,\s]+), %([^,\s)]+)\).*lhs_contracting_dims=\{(\d+)\}", line)
-        if d:
-            found.append((types[d.group(1)], types[d.group(2)], d.group(3)))
-    return found
-
-
 def test_matmul_precision_highest_reaches_every_matmul():
     """'highest' holds even where JAX's default is lower (TF32 on GPUs; set here, since the
     tests otherwise run at 'highest'); without it the matmuls follow that default."""
@@ -306,3 +221,31 @@ def test_the_train_config_s_precision_reaches_the_model():
         stack = fit.new_stack([VARIANTS["baseline"]], (0,), config)
         assert (stack.model.dtype, stack.model.precision) == (dtype, precision)
         assert jax.tree.leaves(stack.state.params)[0].dtype == jnp.float32
+
+
+def test_models_of_equal_configs_are_equal_and_hash_alike():
+    """The MLP is a static argument of the jitted init, epoch and evaluation: models built
+    from equal configs must be equal and hash alike, or every call would compile anew (a
+    `functools.partial` or lambda field compares by identity)."""
+    from mnist_jax.config import TrainConfig
+
+    for settings in ({}, {"dtype": "bfloat16", "matmul_precision": "highest"},
+                     {"dropout_rng": "threefry"}, {"placement": "stack", "model_parallel": 4},
+                     {"data_parallel": 2}):
+        a = stacks.model_for(TrainConfig(**settings), dropout=True)
+        b = stacks.model_for(TrainConfig(**settings), dropout=True)
+        assert a == b and hash(a) == hash(b), settings
+    assert stacks.model_for(TrainConfig(), dropout=False) == MLP()
+
+
+def test_the_train_config_picks_the_kernels():
+    """The row-major matmul unless a batch or the models are split over devices; the
+    config's dropout generator."""
+    from mnist_jax.config import TrainConfig
+
+    for settings, dot in (({}, kernels.RowMajorDot),
+                          ({"placement": "stack", "model_parallel": 4}, kernels.Dot),
+                          ({"data_parallel": 2}, kernels.Dot)):
+        assert stacks.model_for(TrainConfig(**settings), dropout=True).dot_general is dot
+    for rng, bits in (("hash", kernels.hash_bits), ("threefry", kernels.threefry_bits)):
+        assert stacks.model_for(TrainConfig(dropout_rng=rng), dropout=True).dropout_bits is bits

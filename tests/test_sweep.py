@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_jax import fit, optim, placement, programs, stacks, sweep
+from mnist_jax import fit, kernels, optim, placement, programs, stacks, sweep
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.stats import t_quantile_975
 
@@ -103,7 +103,7 @@ def test_the_comparisons_are_paired_over_seeds():
 def test_models_split_over_four_devices_train_as_on_one(small):
     """The variants axis sharded over the 4 test devices: every model's weights bit for bit
     as unsharded with the same products (split models leave the kernel gradient's transpose
-    to XLA, `MLP.row_major_transposes`), its history to float rounding, and the compiled
+    to XLA, `kernels.Dot`), its history to float rounding, and the compiled
     epoch has no collectives (each device trains its share)."""
     assert jax.device_count() == 4
     config = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0, 0.2, 0.45, 0.3),
@@ -113,8 +113,8 @@ def test_models_split_over_four_devices_train_as_on_one(small):
     for mp in (1, 4):
         train = TrainConfig(epochs=2, placement="stack", model_parallel=mp)
         stack = fit.new_stack(points, (0, 1), train, 4000)
-        assert stack.model.row_major_transposes == (mp == 1)
-        stack.model = stack.model.clone(row_major_transposes=False)
+        assert stack.model.dot_general is (kernels.RowMajorDot if mp == 1 else kernels.Dot)
+        stack.model = stack.model.clone(dot_general=kernels.Dot)
         fit.fit(stack, small, progress=False, halt_on_divergence=False)
         runs[mp] = stack
     assert runs[4].state.params["hidden_1"]["kernel"].sharding.spec[1] == placement.MODELS_AXIS
