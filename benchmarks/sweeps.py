@@ -42,8 +42,8 @@ def ours(epochs: int, models: int | None = None) -> dict:
         results = sweep.run_sweep(config, splits, Path(out), progress=False,
                                   echo=lambda _: None)
         seconds = time.perf_counter() - t0
-    statistics = sweep.summarize(results)
-    chosen = sweep.select(results, statistics)
+    metrics = sweep.assemble(config, results)
+    chosen = metrics["selection"]
     n = len(results)
     return {"stack": "mnist_jax", "configurations": n, "epochs": epochs,
             "wall_seconds": seconds, "configuration_epochs_per_second": n * epochs / seconds,
@@ -51,7 +51,8 @@ def ours(epochs: int, models: int | None = None) -> dict:
             "best_final_val_accuracy": chosen["value"], "device": runtime.environment()["device"],
             "final_val_accuracy": {
                 f"l2={r['variant']['l2']:g} dropout={r['variant']['dropout']:g}":
-                    statistics[name]["val_accuracy"]["mean"] for name, r in results.items()}}
+                    metrics["configurations"][name]["stats"]["val_accuracy"]["mean"]
+                for name, r in results.items()}}
 
 
 def main() -> None:

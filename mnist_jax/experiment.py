@@ -8,14 +8,14 @@ import datetime
 import json
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from mnist_jax import fit, placement, report, rundir, runtime, stats
+from mnist_jax import fit, placement, report, results, rundir, runtime
 from mnist_jax.config import (
     DROPOUT,
     L2,
@@ -101,46 +101,26 @@ def draw_figures(jobs: Mapping[str, tuple[str, tuple, dict]], out: Path,
     return paths
 
 
-def _final(history: Mapping[str, list[float]], key: str) -> float:
-    return history[key][-1]
-
-
-def collect(stack: fit.Stack) -> dict[str, Any]:
-    """Per-variant results (histories, test and full-train metrics, statistics over seeds) of
-    a stack `fit` has trained in this process."""
+def collect(stack: fit.Stack) -> tuple[results.VariantResult, ...]:
+    """Every variant's runs (history, test and full-training metrics, per seed) of a trained
+    stack."""
     test = stack.evaluate("test")
     full = _all_training_images(stack)
-    n_models = len(stack.seeds) * len(stack.variants)
-    variants = {}
-    for v, variant in enumerate(stack.variants):
-        runs = []
-        for s, seed in enumerate(stack.seeds):
-            runs.append({
-                "seed": seed,
-                "history": stack.histories[variant.name][s],
-                "test": {k: float(test[k][s, v]) for k in test},
-                "train_full": {k: float(full[k][s, v]) for k in full},
-            })
-        finals = {key: [_final(r["history"], key) for r in runs] for key in runs[0]["history"]}
-        per_metric = {
-            **{key: stats.summarize(values) for key, values in finals.items()},
-            "test_loss": stats.summarize([r["test"]["loss"] for r in runs]),
-            "test_accuracy": stats.summarize([r["test"]["accuracy"] for r in runs]),
-            "train_full_loss": stats.summarize([r["train_full"]["loss"] for r in runs]),
-            "train_full_accuracy": stats.summarize([r["train_full"]["accuracy"] for r in runs]),
-        }
-        mean_history = {key: np.mean([r["history"][key] for r in runs], axis=0).tolist()
-                        for key in runs[0]["history"]}
-        variants[variant.name] = {
-            "variant": dataclasses.asdict(variant),
-            "history": mean_history,
-            "test": {k: float(np.mean([r["test"][k] for r in runs])) for k in test},
-            "train_full": {k: float(np.mean([r["train_full"][k] for r in runs])) for k in full},
-            "train_seconds": stack.train_seconds / n_models,
-            "stats": per_metric,
-            "runs": runs,
-        }
-    return variants
+    return tuple(results.VariantResult(variant, tuple(
+        results.Run(seed, stack.histories[variant.name][s],
+                    {k: float(test[k][s, v]) for k in test},
+                    {k: float(full[k][s, v]) for k in full})
+        for s, seed in enumerate(stack.seeds))) for v, variant in enumerate(stack.variants))
+
+
+def variants_json(variants: Sequence[results.VariantResult], train_seconds: float,
+                  ) -> dict[str, Any]:
+    """metrics.json's "variants": each one's recipe, seed-mean history and metrics, statistics
+    over seeds and runs; `train_seconds` is each model's share of the training time."""
+    return {r.name: {"variant": dataclasses.asdict(r.variant), "history": r.mean_history(),
+                     "test": r.mean("test"), "train_full": r.mean("train_full"),
+                     "train_seconds": train_seconds, "stats": r.stats(),
+                     "runs": [run.to_json() for run in r.runs]} for r in variants}
 
 
 def _all_training_images(stack: fit.Stack) -> dict[str, np.ndarray]:
@@ -164,29 +144,6 @@ def _all_training_images(stack: fit.Stack) -> dict[str, np.ndarray]:
     return full
 
 
-def select(variants: Mapping[str, Any]) -> dict[str, Any]:
-    """The variant with the best mean validation accuracy over seeds (the final epoch's): the
-    test set is never used to choose, only to report. Without a validation set, the best mean
-    training accuracy. Returns the choice, the criterion and every variant's value."""
-    first = next(iter(variants.values()))["stats"]
-    on = "val_accuracy" if "val_accuracy" in first else "accuracy"
-    values = {name: v["stats"][on]["mean"] for name, v in variants.items()}
-    return {"variant": max(values, key=values.get), "on": on, "values": values}
-
-
-def compare(variants: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every pair of variants: paired difference in test accuracy with its 95% interval."""
-    names = list(variants)
-    out = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            acc_a = [r["test"]["accuracy"] for r in variants[a]["runs"]]
-            acc_b = [r["test"]["accuracy"] for r in variants[b]["runs"]]
-            out.append({"a": a, "b": b, "metric": "test_accuracy",
-                        **stats.paired_difference(acc_a, acc_b)})
-    return out
-
-
 def history_figures(stack: fit.Stack, out_dir: Path,
                     renderer: Renderer | None = None) -> dict[str, str]:
     """Each variant's loss and accuracy per epoch (all seeds): needs only the histories."""
@@ -195,8 +152,9 @@ def history_figures(stack: fit.Stack, out_dir: Path,
                  out_dir, renderer)
 
 
-def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mapping[str, Any],
-            best: str, out_dir: Path, renderer: Renderer | None = None) -> dict[str, str]:
+def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST,
+            variants: Sequence[results.VariantResult], best: str, out_dir: Path,
+            renderer: Renderer | None = None) -> dict[str, str]:
     """The comparison, and the best model's confusion matrix and mistakes."""
     predicted = fit.predict(stack.model, stack.params(best, 0), splits.test_images,
                             mesh=placement.batch_mesh(stack.config))
@@ -204,8 +162,8 @@ def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST, variants: Mappin
     seed = stack.seeds[0]
     return draw_figures({
         "comparison": ("compare_variants", (
-            {name: [r["history"] for r in v["runs"]] for name, v in variants.items()},
-            {name: [r["test"]["accuracy"] for r in v["runs"]] for name, v in variants.items()}),
+            {v.name: [r.history for r in v.runs] for v in variants},
+            {v.name: v.values("test_accuracy") for v in variants}),
             {}),
         "confusion": ("confusion", (true, predicted), {
             "title": f"{best} (seed {seed}): test accuracy {np.mean(true == predicted):.2%}"}),
@@ -261,15 +219,15 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     curves = history_figures(stack, out, renderer) if primary else {}  # drawn as we evaluate
 
     with timed(parts, "evaluate"):  # test set and all 60k training images, every model
-        results_variants = collect(stack)
-    selection = select(results_variants)
-    best = selection["variant"]
+        outcomes = collect(stack)
+    selection = results.select(outcomes)
+    best = selection.chosen
     with timed(parts, "figures"):  # the rest drawn, and all written
-        figure_paths = ({**eda, **curves, **figures(stack, splits, mnist, results_variants,
+        figure_paths = ({**eda, **curves, **figures(stack, splits, mnist, outcomes,
                                                     best, out, renderer)}
                         if primary else {})
         renderer.finish()
-    results = {
+    metrics = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "environment": runtime.environment(),
@@ -289,18 +247,18 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
         "parallel": {"devices": devices, "processes": jax.process_count(),
                      "global_batch": config.train.batch_size,
                      "per_device_batch": config.train.batch_size // devices},
-        "variants": results_variants,
-        "comparisons": compare(results_variants),
+        "variants": variants_json(outcomes, stack.train_seconds / n_models),
+        "comparisons": [c.to_json() for c in results.compare_pairs(outcomes)],
         "best_variant": best,
-        "selection": selection,
+        "selection": {"variant": best, "on": selection.on, "values": dict(selection.values)},
         "figures": figure_paths,
     }
-    results["timing"]["wall_seconds"] = time.perf_counter() - t_start
+    metrics["timing"]["wall_seconds"] = time.perf_counter() - t_start
     # The whole process so far (start-up and imports included), where the OS tells it.
-    results["timing"]["process_seconds"] = runtime.process_seconds()
+    metrics["timing"]["process_seconds"] = runtime.process_seconds()
     if primary:
-        report.write(out, results)
-    return results
+        report.write(out, metrics)
+    return metrics
 
 
 def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,

@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, placement, rundir, stats
+from mnist_jax import files, fit, placement, rundir
+from mnist_jax import results as outcome
 from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
@@ -257,21 +258,16 @@ def chunk_results(stack: fit.Stack) -> dict[str, Any]:
         out[variant.name] = {
             "variant": dataclasses.asdict(variant),
             "runs": [{"seed": seed, "history": _finite(stack.histories[variant.name][s]),
-                      "test": {k: _num(test[k][s, v]) for k in test}}
+                      "test": {k: outcome.finite_or_none(test[k][s, v]) for k in test}}
                      for s, seed in enumerate(stack.seeds)],
             "diverged": [d for d in stack.diverged if d["variant"] == variant.name],
         }
     return out
 
 
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def _finite(history: Mapping[str, list[float]]) -> dict[str, list[float | None]]:
     """A history with non-finite values (a diverged model's) as None: JSON has no NaN."""
-    return {k: [_num(x) for x in v] for k, v in history.items()}
+    return {k: [outcome.finite_or_none(x) for x in v] for k, v in history.items()}
 
 
 def _digest(obj: Any) -> str:
@@ -463,65 +459,30 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
 
 # --- the choice and its statistics ---------------------------------------------------------------
 
-def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Per configuration: final-epoch statistics over seeds (validation, test, training)."""
-    out = {}
-    for name, r in results.items():
-        runs = r["runs"]
-        finals = {key: [h[key][-1] for h in (run["history"] for run in runs)]
-                  for key in runs[0]["history"]}
-        s = {key: stats.summarize(v) for key, v in finals.items() if None not in v}
-        for key in ("accuracy", "loss"):
-            values = [run["test"][key] for run in runs]
-            if None not in values:
-                s[f"test_{key}"] = stats.summarize(values)
-        out[name] = s
-    return out
-
-
-def select(results: Mapping[str, Any], statistics: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration with the best mean validation accuracy over seeds (final epoch);
-    without a validation set, the best mean training accuracy. Diverged configurations are
-    not candidates. The test set is never used to choose."""
-    on = "val_accuracy" if any("val_accuracy" in s for s in statistics.values()) else "accuracy"
-    values = {name: statistics[name][on]["mean"] for name, r in results.items()
-              if not r["diverged"] and on in statistics[name]}
-    if not values:
-        raise ConfigError("every configuration diverged: lower the learning rates (--lr)")
-    best = max(values, key=values.get)
-    ranked = sorted(values, key=values.get, reverse=True)
-    return {"configuration": best, "on": on, "how": f"highest mean final-epoch {on} over "
-            f"{len(next(iter(results.values()))['runs'])} seed(s); the test set is not used",
-            "value": values[best], "ranking": ranked,
-            "excluded_diverged": [n for n, r in results.items() if r["diverged"]]}
-
-
-def compare_with_originals(results: Mapping[str, Any], chosen: str) -> list[dict[str, Any]]:
-    """Paired test-accuracy differences, chosen minus each original variant present (same
-    seeds: same initial weights, batch order and dropout noise), with 95% t-intervals."""
-    out = []
-    for name in VARIANTS:
-        if name not in results or name == chosen:
-            continue
-        a = [r["test"]["accuracy"] for r in results[chosen]["runs"]]
-        b = [r["test"]["accuracy"] for r in results[name]["runs"]]
-        out.append({"a": chosen, "b": name, "metric": "test_accuracy",
-                    **stats.paired_difference(a, b)})
-    return out
-
-
 # --- the job: a run directory, results, figures, report ------------------------------------------
 
 def assemble(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, Any]:
     """What metrics.json holds of a sweep: every configuration's runs and statistics, the
     choice and why, the paired comparisons with the original variants."""
-    statistics = summarize(results)
-    selection = select(results, statistics)
-    configurations = {name: {**r, "stats": statistics[name], "original": name in VARIANTS}
+    outcomes = {name: outcome.VariantResult.from_json(r) for name, r in results.items()}
+    try:
+        selection = outcome.select(list(outcomes.values()))
+    except ValueError:
+        raise ConfigError("every configuration diverged: lower the learning rates (--lr)"
+                          ) from None
+    chosen = selection.chosen
+    configurations = {name: {**r, "stats": outcomes[name].stats(), "original": name in VARIANTS}
                       for name, r in results.items()}
+    # Paired with the chosen: each original variant present (same seeds: same initial
+    # weights, batch order and dropout noise).
+    comparisons = [outcome.compare(outcomes[chosen], outcomes[name]).to_json()
+                   for name in VARIANTS if name in outcomes and name != chosen]
     return {"kind": "sweep", "config": config.to_dict(), "configurations": configurations,
-            "selection": selection,
-            "comparisons": compare_with_originals(results, selection["configuration"])}
+            "selection": {"configuration": chosen, "on": selection.on, "how": selection.how,
+                          "value": selection.values[chosen],
+                          "ranking": list(selection.ranking),
+                          "excluded_diverged": list(selection.excluded)},
+            "comparisons": comparisons}
 
 
 def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
@@ -536,9 +497,8 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
     confs = metrics["configurations"]
     chosen = metrics["selection"]["configuration"]
     n_seeds = len(config.seeds)
-    by_effect = {effective(Variant(**{**c["variant"], "l2_layers": tuple(
-        c["variant"]["l2_layers"]), "dropout_layers": tuple(c["variant"]["dropout_layers"])}),
-        config): name for name, c in confs.items()}
+    by_effect = {effective(outcome.variant_from_json(c["variant"]), config): name
+                 for name, c in confs.items()}
     made = {}
     if config.search == "grid":
         for k, lr in enumerate(config.learning_rate):

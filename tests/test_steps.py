@@ -16,6 +16,7 @@ from mnist_jax import fit, optim, placement, programs, stacks, steps
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import TrainingDiverged
 from mnist_jax.model import MLP
+from mnist_jax.optim import optimizer
 from mnist_jax.steps import (
     Batch,
     Hyperparams,
@@ -24,7 +25,6 @@ from mnist_jax.steps import (
     evaluate_rows,
     l2_penalty,
     loss_fn,
-    optimizer,
     shuffle_indices,
     train_step,
 )

@@ -12,7 +12,6 @@ import pytest
 
 from mnist_jax import fit, kernels, optim, placement, programs, stacks, sweep
 from mnist_jax.config import VARIANTS, TrainConfig
-from mnist_jax.stats import t_quantile_975
 
 from test_cli import run_main
 
@@ -66,7 +65,8 @@ def test_random_points_are_drawn_from_the_search_seed_within_the_ranges():
 
 
 def _result(val: list[float], test: list[float], diverged=()):
-    return {"runs": [{"seed": s, "history": {"accuracy": [0.9], "val_accuracy": [v]},
+    return {"variant": dataclasses.asdict(VARIANTS["baseline"]),
+            "runs": [{"seed": s, "history": {"accuracy": [0.9], "val_accuracy": [v]},
                       "test": {"accuracy": t, "loss": 0.1}}
                      for s, (v, t) in enumerate(zip(val, test, strict=True))],
             "diverged": list(diverged)}
@@ -76,28 +76,19 @@ def test_the_choice_is_made_on_validation_never_on_test():
     results = {"baseline": _result([0.970, 0.972], [0.980, 0.982]),
                "a": _result([0.975, 0.977], [0.970, 0.971]),  # best validation, worse test
                "b": _result([0.990, 0.991], [0.999, 0.999], diverged=[{"seed": 1}])}
-    statistics = sweep.summarize(results)
-    chosen = sweep.select(results, statistics)
+    chosen = sweep.assemble(sweep.SweepConfig(), results)["selection"]
     assert chosen["configuration"] == "a" and chosen["on"] == "val_accuracy"
     assert chosen["value"] == pytest.approx(0.976)
     assert chosen["excluded_diverged"] == ["b"] and chosen["ranking"] == ["a", "baseline"]
 
 
-def test_the_comparisons_are_paired_over_seeds():
+def test_the_chosen_is_compared_with_each_original_present():
     a = [0.981, 0.979, 0.983, 0.983]
     base = [0.978, 0.977, 0.979, 0.980]
-    drop = [0.982, 0.976, 0.985, 0.975]
-    results = {"x": _result(a, a), "baseline": _result(base, base), "dropout": _result(drop, drop)}
-    out = {c["b"]: c for c in sweep.compare_with_originals(results, "x")}
-    assert set(out) == {"baseline", "dropout"}
-    d = np.array(a) - np.array(base)  # by hand: 0.003, 0.002, 0.004, 0.003
-    half = 3.1824 * d.std(ddof=1) / 2  # t_0.975(3) = 3.1824, sqrt(4) = 2
-    assert t_quantile_975(3) == 3.1824
-    assert out["baseline"]["mean"] == pytest.approx(0.003)
-    assert out["baseline"]["ci95_low"] == pytest.approx(0.003 - half)
-    assert out["baseline"]["significant"] is True
-    # Dropout's differences (-0.001 .. +0.008) are noise: no difference is shown.
-    assert out["dropout"]["significant"] is False
+    results = {"x": _result(a, a), "baseline": _result(base, base), "dropout": _result(a, base)}
+    out = {c["b"]: c for c in sweep.assemble(sweep.SweepConfig(), results)["comparisons"]}
+    assert set(out) == {"baseline", "dropout"} and {c["a"] for c in out.values()} == {"x"}
+    assert out["baseline"]["mean"] == pytest.approx(0.003)  # by hand: 0.003, 0.002, 0.004, 0.003
 
 
 def test_models_split_over_four_devices_train_as_on_one(small):
