@@ -163,7 +163,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # '--epochs '2.5' must be ...' already names the flag: drop argparse's prefix.
         message = re.sub(r"^argument [^:]+: (?=--)", "", message)
-        message = re.sub(r"^argument ([^:]+): invalid choice: (.+) \(choose from (.+)\)$",
+        # A flag with an alias by its own name: '--placement', not '--placement/--schedule'.
+        message = re.sub(r"^argument ([^:/]+)[^:]*: invalid choice: (.+) \(choose from (.+)\)$",
                          r"\1 \2 must be one of \3", message)
         self.exit(EXIT_ERROR, f"mnist-jax: error: {message} (see {self.prog} --help)\n")
 
