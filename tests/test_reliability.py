@@ -346,6 +346,10 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
     ("experiment", ("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
     ("experiment", ("--validation-split", "half"),
      "--validation-split 'half' must be a number in [0, 1)"),
+    ("experiment", ("--validation-split", "1e-17"),  # 1 - 1e-17 == 1.0: no validation rows
+     "--validation-split 1e-17 leaves no training or no validation samples out of 60000"),
+    ("experiment", ("--validation-split", "0.99999"),
+     "--validation-split 0.99999 leaves no training or no validation samples out of 60000"),
     ("experiment", ("--lr", "nan"), "--lr nan must be a finite number >= 0"),
     ("experiment", ("--lr", "fast"), "--lr 'fast' must be a finite number >= 0"),
     ("experiment", ("--optimizer", "sgd"), "--optimizer 'sgd' must be one of 'keras-adam', "
