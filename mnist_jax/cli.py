@@ -371,6 +371,8 @@ def cmd_eda(args) -> int:
 
     if args.seed < 0:
         raise ConfigError(f"--seed {args.seed} must be an integer >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; choose a directory")
     mnist = load_mnist(args.data_dir)
     paths = run_eda(mnist, args.out, seed=args.seed)
     _say(args.quiet)("\n".join(str(args.out / p) for p in paths.values()))

@@ -390,6 +390,7 @@ BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
      "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
     ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
     ("eda", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("eda", ("--out", "{file}"), "is a file; choose a directory"),
     ("sweep", ("--search", "bayes"), "--search 'bayes' must be one of 'grid', 'random', 'tpe'"),
     ("sweep", ("--l2", "0,x"), "--l2 '0,x' must be numbers separated by commas"),
     ("sweep", ("--l2", "0,-1e-3"), "--l2 -0.001 must be a finite number >= 0"),
@@ -453,7 +454,7 @@ def test_every_flag_that_takes_a_value_has_a_bad_value_case():
 
 # Paths that may not exist yet (any value is valid), and `train`'s and `sweep`'s training flags,
 # which are `experiment`'s (cli._training, cli._fit_flags; the rows above cover them).
-NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
+NO_BAD_VALUE = {("eda", "--data-dir"), ("data", "--data-dir"),
                 ("train", "--out"), ("train", "--resume"), ("train", "--data-dir"),
                 ("train", "--epochs"), ("train", "--batch-size"), ("train", "--validation-split"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
