@@ -163,7 +163,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # '--epochs '2.5' must be ...' already names the flag: drop argparse's prefix.
         message = re.sub(r"^argument [^:]+: (?=--)", "", message)
-        message = re.sub(r"^argument ([^:]+): invalid choice: (.+) \(choose from (.+)\)$",
+        # A flag with an alias by its own name: '--placement', not '--placement/--schedule'.
+        message = re.sub(r"^argument ([^:/]+)[^:]*: invalid choice: (.+) \(choose from (.+)\)$",
                          r"\1 \2 must be one of \3", message)
         self.exit(EXIT_ERROR, f"mnist-jax: error: {message} (see {self.prog} --help)\n")
 
@@ -369,6 +370,8 @@ def cmd_eda(args) -> int:
 
     if args.seed < 0:
         raise ConfigError(f"--seed {args.seed} must be an integer >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; choose a directory")
     mnist = load_mnist(args.data_dir)
     paths = run_eda(mnist, args.out, seed=args.seed)
     _say(args.quiet)("\n".join(str(args.out / p) for p in paths.values()))

@@ -237,6 +237,11 @@ class TrainConfig:
                 and 0.0 <= self.validation_split < 1.0):
             raise ConfigError(f"--validation-split {self.validation_split!r} must lie in [0, 1)")
         n_fit = math.floor(n_train * (1.0 - self.validation_split))
+        # Where preprocessing.split_index cuts: refused here, before the run directory exists.
+        if n_fit == 0 or (self.validation_split > 0 and n_fit == n_train):
+            raise ConfigError(f"--validation-split {self.validation_split!r} leaves no training "
+                              f"or no validation samples out of {n_train}; choose a fraction "
+                              f"between {1 / n_train:.2g} and {1 - 1 / n_train:.6g}")
         integer("--batch-size", self.batch_size, 1, n_fit)
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise ConfigError(f"--lr {self.learning_rate!r} must be a finite number >= 0")

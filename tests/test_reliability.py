@@ -1,7 +1,9 @@
 """Reliability: exact resume after SIGKILL and Ctrl-C, the divergence guard, validation of
 every setting before any work, and writes that never leave half a file."""
 
+import ast
 import errno
+import importlib
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -16,6 +19,9 @@ import pytest
 
 from mnist_jax import checkpoint, files, fit
 from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.errors import MnistJaxError
+from mnist_jax.experiment import ExperimentConfig
+from mnist_jax.sweep import SweepConfig
 
 from conftest import cli_env
 from test_cli import run_cli, run_main
@@ -328,108 +334,335 @@ def test_divergence_keeps_the_last_good_checkpoint(splits, tmp_path):
     mgr.close()
 
 
-BAD_SETTINGS = [  # (command, args, message); {file} is an existing file
-    ("experiment", ("--dropout", "1.5"), "--dropout 1.5 must lie in [0, 1)"),
-    ("experiment", ("--dropout", "-0.1"), "--dropout -0.1 must lie in [0, 1)"),
-    ("experiment", ("--dropout", "x"), "--dropout 'x' must be a number in [0, 1)"),
-    ("experiment", ("--l2", "-0.001"), "--l2 -0.001 must be a finite number >= 0"),
-    ("experiment", ("--l2", "x"), "--l2 'x' must be a finite number >= 0"),
-    ("experiment", ("--l2", "0.01", "--variants", "baseline,dropout"),
-     "--l2 0.01 changes nothing: no chosen variant (baseline, dropout) has an L2 penalty"),
-    ("experiment", ("--batch-size", "0"), "--batch-size 0 must be an integer between 1 and 42000"),
-    ("experiment", ("--batch-size", "60000"),
-     "--batch-size 60000 must be an integer between 1 and 42000"),
-    ("experiment", ("--batch-size", "x"), "--batch-size 'x' must be an integer >= 1"),
-    ("experiment", ("--epochs", "0"), "--epochs 0 must be an integer >= 1"),
+# Every check a flag's value meets, each with a bad value of its own: (command, args, message).
+# {file}: an existing file; {out}: the --out the other rows are given; {run}, {sweep}: the run
+# directory of an experiment, of a sweep (their run.json alone); {garbled}: one whose run.json
+# is not JSON; {unreadable}: a directory os.access calls unreadable (the tests run as root).
+BAD_SETTINGS = [
+    # argparse: the type of every flag that takes a number (cli._number)
     ("experiment", ("--epochs", "2.5"), "--epochs '2.5' must be an integer >= 1"),
-    ("experiment", ("--validation-split", "1.0"), "--validation-split 1.0 must lie in [0, 1)"),
-    ("experiment", ("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
+    ("experiment", ("--batch-size", "x"), "--batch-size 'x' must be an integer >= 1"),
     ("experiment", ("--validation-split", "half"),
      "--validation-split 'half' must be a number in [0, 1)"),
-    ("experiment", ("--lr", "nan"), "--lr nan must be a finite number >= 0"),
+    ("experiment", ("--eval-batch-size", "1.5"), "--eval-batch-size '1.5' must be an integer"),
+    ("experiment", ("--l2", "x"), "--l2 'x' must be a finite number >= 0"),
+    ("experiment", ("--dropout", "x"), "--dropout 'x' must be a number in [0, 1)"),
     ("experiment", ("--lr", "fast"), "--lr 'fast' must be a finite number >= 0"),
+    ("experiment", ("--checkpoint-every", "x"), "--checkpoint-every 'x' must be a number of "
+                                                "seconds >= 0"),
+    ("train", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
+    ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
+    ("sweep", ("--samples", "x"), "--samples 'x' must be an integer >= 1"),
+    ("sweep", ("--search-seed", "x"), "--search-seed 'x' must be an integer >= 0"),
+    ("sweep", ("--chunk", "x"), "--chunk 'x' must be an integer >= 0"),
+    # argparse: the choices (config's tables); an alias is named by its flag
     ("experiment", ("--optimizer", "sgd"), "--optimizer 'sgd' must be one of 'keras-adam', "
                                             "'adam'"),
     ("experiment", ("--loss", "mse"), "--loss 'mse' must be one of 'logits', 'clipped'"),
-    ("experiment", ("--precision", "fp8"), "--precision 'fp8' must be one of 'float32', "
-                                           "'bfloat16'"),
-    ("experiment", ("--matmul-precision", "low"), "--matmul-precision 'low' must be one of "
-                                                  "'default', 'highest'"),
     ("experiment", ("--placement", "fast"), "--placement 'fast' must be one of 'auto', 'stack'"),
+    ("experiment", ("--schedule", "fast"), "--placement 'fast' must be one of"),
     ("experiment", ("--dropout-rng", "x"), "--dropout-rng 'x' must be one of 'hash', "
                                             "'threefry'"),
-    ("experiment", ("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline"),
-    ("experiment", ("--variants", "l2,l2"), "--variants lists a variant twice"),
-    ("experiment", ("--seeds", "0,x"), "--seeds '0,x' must be integers"),
-    ("experiment", ("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
-    ("experiment", ("--seeds", "3-1"), "--seeds '3-1': the range 3-1 is reversed; write 1-3"),
-    ("experiment", ("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
-    ("experiment", ("--eval-batch-size", "1.5"), "--eval-batch-size '1.5' must be an integer"),
-    ("experiment", ("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
-    ("experiment", ("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
-    ("experiment", ("--checkpoint-every", "-1"), "--checkpoint-every -1.0 must be a number of "
-                                                 "seconds >= 0"),
-    ("experiment", ("--checkpoint-every", "x"), "--checkpoint-every 'x' must be a number of "
-                                                "seconds >= 0"),
-    ("sweep", ("--checkpoint-every", "nan"), "--checkpoint-every nan must be a number of "),
-    ("experiment", ("--data-dir", "/nonexistent/mnist"),
-     "data directory /nonexistent/mnist does not exist"),
-    ("experiment", ("--out", "{file}"), "is a file; choose a directory"),
-    ("experiment", ("--resume", "/nonexistent/run"),
-     "--resume /nonexistent/run: there is no run there"),
-    ("experiment", ("--resume", "{file}"), "is a file; give the run's directory"),
-    ("train", ("--variant", "huge"), "unknown variant 'huge'; choose from baseline"),
-    ("train", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
-    ("train", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
-    ("train", ("--variant", "baseline", "--dropout", "0.2"),
-     "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
-    ("eda", ("--seed", "x"), "--seed 'x' must be an integer >= 0"),
-    ("eda", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("experiment", ("--dtype", "fp8"), "--dtype 'fp8' must be one of 'float32', 'bfloat16'"),
+    ("experiment", ("--precision", "fp8"), "--dtype 'fp8' must be one of"),
+    ("experiment", ("--matmul-precision", "low"), "--matmul-precision 'low' must be one of "
+                                                  "'default', 'highest'"),
     ("sweep", ("--search", "bayes"), "--search 'bayes' must be one of 'grid', 'random', 'tpe'"),
-    ("sweep", ("--l2", "0,x"), "--l2 '0,x' must be numbers separated by commas"),
-    ("sweep", ("--l2", "0,-1e-3"), "--l2 -0.001 must be a finite number >= 0"),
-    ("sweep", ("--l2", "0,0"), "--l2 0,0 lists a value twice"),
-    ("sweep", ("--dropout", "0,1"), "--dropout 1.0 must lie in [0, 1)"),
-    ("sweep", ("--lr", "0"), "--lr 0.0 must be a finite number > 0"),
-    ("sweep", ("--l2-layers", "hidden_3"), "--l2-layers hidden_3: name one or more of"),
-    ("sweep", ("--dropout-layers", "output"), "--dropout-layers output: name one or more of"),
-    ("sweep", ("--samples", "0", "--search", "random"), "--samples 0 must be an integer >= 1"),
-    ("sweep", ("--samples", "x"), "--samples 'x' must be an integer >= 1"),
-    ("sweep", ("--search-seed", "-1"), "--search-seed -1 must be an integer >= 0"),
-    ("sweep", ("--seeds", "2-1"), "--seeds '2-1': the range 2-1 is reversed"),
-    ("sweep", ("--chunk", "-1"), "--chunk -1 must be an integer >= 0 (0: automatic)"),
-    ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
-    ("sweep", ("--chunk", "3", "--model-parallel", "2", "--placement", "stack"),
-     "--chunk 3 must be a multiple of --model-parallel 2"),
-    ("sweep", ("--search", "random", "--l2", "0,1e-3"), "so the range must lie above 0"),
-    ("sweep", ("--search", "tpe", "--dropout", "0.5,0.1"), "the range must be low,high"),
-    ("sweep", ("--out", "{file}"), "is a file; choose a directory"),
-    ("sweep", ("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run"),
-    ("sweep", ("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not"),
     ("data", ("--source", "ftp"), "--source 'ftp' must be one of 'auto', 'cache'"),
     ("data", ("--verify", "half"), "--verify 'half' must be one of 'quick', 'full'"),
+    # config.TrainConfig.validate
+    ("experiment", ("--epochs", "0"), "--epochs 0 must be an integer >= 1"),
+    ("experiment", ("--validation-split", "1.0"), "--validation-split 1.0 must lie in [0, 1)"),
+    ("experiment", ("--validation-split", "-0.3"), "--validation-split -0.3 must lie in [0, 1)"),
+    ("experiment", ("--validation-split", "1e-17"),  # 1 - 1e-17 == 1.0: no validation rows
+     "--validation-split 1e-17 leaves no training or no validation samples out of 60000"),
+    ("experiment", ("--validation-split", "0.99999"),
+     "--validation-split 0.99999 leaves no training or no validation samples out of 60000"),
+    ("experiment", ("--batch-size", "0"), "--batch-size 0 must be an integer between 1 and 42000"),
+    ("experiment", ("--batch-size", "60000"),
+     "--batch-size 60000 must be an integer between 1 and 42000"),
+    ("experiment", ("--lr", "nan"), "--lr nan must be a finite number >= 0"),
+    ("experiment", ("--lr", "-1"), "--lr -1.0 must be a finite number >= 0"),
+    ("experiment", ("--eval-batch-size", "0"), "--eval-batch-size 0 must be an integer >= 1"),
+    ("experiment", ("--data-parallel", "3"), "--batch-size 128 and --eval-batch-size 2000 must "
+                                             "be multiples of --data-parallel 3"),
+    ("experiment", ("--data-parallel", "4", "--eval-batch-size", "1002"),
+     "--batch-size 128 and --eval-batch-size 1002 must be multiples of --data-parallel 4"),
+    ("experiment", ("--placement", "concurrent", "--data-parallel", "2"),
+     "--placement concurrent runs several programs at once, which cannot share devices with "
+     "--data-parallel 2"),
+    ("sweep", ("--model-parallel", "2", "--placement", "sequential"),
+     "--model-parallel 2 shards one vmapped stack of models over devices: it needs "
+     "--placement stack (or auto) and --data-parallel 1"),
+    ("sweep", ("--model-parallel", "2", "--placement", "concurrent"),
+     "--model-parallel 2 shards one vmapped stack of models over devices"),
+    # config: check_regularisation, select_variants, parse_seeds
+    ("experiment", ("--l2", "-0.001"), "--l2 -0.001 must be a finite number >= 0"),
+    ("experiment", ("--l2", "inf"), "--l2 inf must be a finite number >= 0"),
+    ("experiment", ("--dropout", "1.5"), "--dropout 1.5 must lie in [0, 1)"),
+    ("experiment", ("--dropout", "-0.1"), "--dropout -0.1 must lie in [0, 1)"),
+    ("experiment", ("--variants", "baseline,huge"), "unknown variant 'huge'; choose from baseline"),
+    ("train", ("--variant", "huge"), "unknown variant 'huge'; choose from baseline"),
+    ("experiment", ("--variants", "l2,l2"), "--variants lists a variant twice"),
+    ("experiment", ("--variants", ","), "--variants is empty; name at least one of baseline"),
+    ("experiment", ("--seeds", "0,x"), "--seeds '0,x' must be integers"),
+    ("experiment", ("--seeds", "1,1"), "--seeds '1,1' must list distinct integers"),
+    ("experiment", ("--seeds", "-1"), "--seeds '-1' must list distinct integers >= 0"),
+    ("experiment", ("--seeds", "3-1"), "--seeds '3-1': the range 3-1 is reversed; write 1-3"),
+    ("sweep", ("--seeds", "2-1"), "--seeds '2-1': the range 2-1 is reversed"),
+    # cli: flags read together, the device counts, --checkpoint-every, resuming
+    ("experiment", ("--l2", "0.01", "--variants", "baseline,dropout"),
+     "--l2 0.01 changes nothing: no chosen variant (baseline, dropout) has an L2 penalty"),
+    ("train", ("--variant", "baseline", "--dropout", "0.2"),
+     "--dropout 0.2 changes nothing: no chosen variant (baseline) has dropout"),
+    ("train", (), "--variant is required: baseline, l2, dropout or l2_dropout"),
+    ("train", ("--variant", "baseline", "--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("eda", ("--seed", "-1"), "--seed -1 must be an integer >= 0"),
+    ("eda", ("--out", "{file}"), "is a file; choose a directory"),
+    ("experiment", ("--checkpoint-every", "-1"), "--checkpoint-every -1.0 must be a number of "
+                                                 "seconds >= 0"),
+    ("experiment", ("--checkpoint-every", "inf"), "--checkpoint-every inf must be a number of "
+                                                  "seconds >= 0"),
+    ("sweep", ("--checkpoint-every", "nan"), "--checkpoint-every nan must be a number of "),
+    ("experiment", ("--data-parallel", "two"), "--data-parallel 'two' must be an integer or 'all'"),
+    ("experiment", ("--data-parallel", "5"), "--data-parallel 5: this run sees 4 device(s)"),
+    ("experiment", ("--data-parallel", "0"), "--data-parallel 0: this run sees 4 device(s)"),
+    ("sweep", ("--model-parallel", "x"), "--model-parallel 'x' must be an integer or 'all'"),
+    ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
+    ("sweep", ("--model-parallel", "0"), "--model-parallel 0: this run sees 4 device(s)"),
+    ("sweep", ("--l2", "0,x"), "--l2 '0,x' must be numbers separated by commas"),
+    ("sweep", ("--dropout", "0,x"), "--dropout '0,x' must be numbers separated by commas"),
+    ("sweep", ("--lr", "x"), "--lr 'x' must be numbers separated by commas"),
+    ("experiment", ("--resume", "{run}", "--epochs", "2"),
+     "--epochs 2 differs from the resumed run's 20; leave it out when resuming"),
+    ("sweep", ("--resume", "{sweep}", "--samples", "3"),
+     "--samples 3 differs from the resumed sweep's 16; leave it out when resuming"),
+    ("experiment", ("--resume", "{run}", "--out", "{out}"),
+     "give either --out (a new run) or --resume DIR, not both"),
+    # sweep.SweepConfig.validate
+    ("sweep", ("--l2-layers", "hidden_3"), "--l2-layers hidden_3: name one or more of"),
+    ("sweep", ("--l2-layers", ","),
+     "--l2-layers (none): name one or more of hidden_1,hidden_2,output"),
+    ("sweep", ("--dropout-layers", "output"), "--dropout-layers output: name one or more of"),
+    ("sweep", ("--dropout-layers", ","),
+     "--dropout-layers (none): name one or more of hidden_1,hidden_2"),
+    ("sweep", ("--l2", ","), "--l2 is empty; give at least one value"),
+    ("sweep", ("--dropout", ","), "--dropout is empty; give at least one value"),
+    ("sweep", ("--lr", ","), "--lr is empty; give at least one value"),
+    ("sweep", ("--search", "random", "--l2", "0,1e-5,1e-4"),
+     "--l2 0,1e-05,0.0001: --search random takes a range low,high or one fixed value"),
+    ("sweep", ("--search", "random", "--dropout", "0,0.2,0.4"),
+     "--dropout 0,0.2,0.4: --search random takes a range low,high"),
+    ("sweep", ("--search", "tpe", "--lr", "1e-4,1e-3,1e-2"),
+     "--lr 0.0001,0.001,0.01: --search tpe takes a range low,high"),
+    ("sweep", ("--l2", "0,0"), "--l2 0,0 lists a value twice"),
+    ("sweep", ("--dropout", "0,0"), "--dropout 0,0 lists a value twice"),
+    ("sweep", ("--lr", "1e-3,1e-3"), "--lr 0.001,0.001 lists a value twice"),
+    ("sweep", ("--l2", "0,-1e-3"), "--l2 -0.001 must be a finite number >= 0"),
+    ("sweep", ("--dropout", "0,1"), "--dropout 1.0 must lie in [0, 1)"),
+    ("sweep", ("--lr", "0"), "--lr 0.0 must be a finite number > 0"),
+    ("sweep", ("--lr", "inf"), "--lr inf must be a finite number > 0"),
+    ("sweep", ("--search", "random", "--l2", "1e-2,1e-6"),
+     "--l2 0.01,1e-06: the range must be low,high with low < high"),
+    ("sweep", ("--search", "tpe", "--dropout", "0.5,0.1"),
+     "--dropout 0.5,0.1: the range must be low,high"),
+    ("sweep", ("--search", "random", "--lr", "1e-2,1e-4"),
+     "--lr 0.01,0.0001: the range must be low,high"),
+    ("sweep", ("--search", "random", "--l2", "0,1e-3"), "so the range must lie above 0"),
+    ("sweep", ("--samples", "0", "--search", "random"), "--samples 0 must be an integer >= 1"),
+    ("sweep", ("--chunk", "-1"), "--chunk -1 must be an integer >= 0 (0: automatic)"),
+    ("sweep", ("--chunk", "3", "--model-parallel", "2", "--placement", "stack"),
+     "--chunk 3 must be a multiple of --model-parallel 2"),
+    ("sweep", ("--search-seed", "-1"), "--search-seed -1 must be an integer >= 0"),
+    # experiment: the run directory; files.exclusive
+    ("experiment", ("--out", "{file}"), "is a file; choose a directory"),
+    ("sweep", ("--out", "{file}"), "is a file; choose a directory"),
+    ("experiment", ("--out", "{file}/run"),
+     "/run is not writable (Not a directory); choose another --out"),
+    ("experiment", ("--out", "{run}"),
+     "already holds a run; choose another --out, continue it with --resume"),
+    ("experiment", ("--resume", "/nonexistent/run"),
+     "--resume /nonexistent/run: there is no run there"),
+    ("sweep", ("--resume", "/nonexistent/run"), "--resume /nonexistent/run: there is no run"),
+    ("experiment", ("--resume", "{file}"), "is a file; give the run's directory"),
+    ("experiment", ("--resume", "{sweep}"),
+     "holds a run of `mnist-jax sweep`; resume it with: mnist-jax sweep --resume"),
+    ("sweep", ("--resume", "{run}"),
+     "holds a run of `mnist-jax experiment`; resume it with: mnist-jax experiment --resume"),
+    ("experiment", ("--resume", "{garbled}"), "run.json is unreadable (Expecting property name"),
+    # data.check_data_dir
+    ("experiment", ("--data-dir", "/nonexistent/mnist"),
+     "data directory /nonexistent/mnist does not exist"),
+    ("sweep", ("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not"),
+    ("eda", ("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not"),
+    ("data", ("--data-dir", "/nonexistent/mnist"), "data directory /nonexistent/mnist does not"),
+    ("experiment", ("--data-dir", "{file}"), "is not a directory; pass a directory to --data-dir"),
+    ("experiment", ("--data-dir", "{unreadable}"),
+     "is not readable; fix its permissions or choose another --data-dir"),
 ]
+IDS = [" ".join((c, *a)) for c, a, _ in BAD_SETTINGS]
+# Raised where no row can reach: (module, function, part of the raise's source, why).
+UNREACHABLE = [
+    ("config", "Variant.with_values", "has no L2 penalty",
+     "select_variants gives --l2 only to variants with a penalty; a sweep builds Variants"),
+    ("config", "Variant.with_values", "has no dropout", "as for --l2"),
+    ("config", "Variant.validate", "the model's", "no flag sets the hidden sizes, and "
+     "SweepConfig.validate checks --l2-layers and --dropout-layers first"),
+    ("config", "Variant.validate", "(variant {self.name!r}) must be a finite",
+     "built-in variants have no learning rate; SweepConfig.validate checks --lr first"),
+    ("config", "TrainConfig.validate", "must be one of {', '.join(choices)}",
+     "--optimizer, --loss, --dtype and --matmul-precision: argparse's choices refuse first"),
+    ("config", "TrainConfig.validate", "--placement {self.placement!r}", "argparse's choices"),
+    ("config", "TrainConfig.validate", "--dropout-rng {self.dropout_rng!r}",
+     "argparse's choices"),
+    ("config", "TrainConfig.validate", "Adam {flag}", "b1 and b2 are no flags"),
+    ("config", "TrainConfig.validate", "Adam eps", "eps is no flag"),
+    ("config", "TrainConfig.validate", "hidden sizes", "the hidden sizes are no flag"),
+    ("config", "check_seeds", "must be distinct", "parse_seeds refuses the same seeds first"),
+    ("experiment", "prepare_run_dir", "is a file", "held_run_dir refuses it first"),
+    ("experiment", "prepare_run_dir", "started with another config",
+     "the CLI resumes a run with the config it recorded"),
+    ("experiment", "prepare_run_dir", "is not writable",
+     "files.exclusive has just made the directory and its lock, or refused it"),
+    ("sweep", "SweepConfig.validate", "--search {self.search!r}", "argparse's choices"),
+    ("sweep", "SweepConfig.validate", "needs Optuna", "Optuna is installed with the tests"),
+]
+# Where the meta-test looks for raise sites: each module, all of it or one function.
+SCOPE = {"config": "", "cli": "", "experiment": "", "sweep": "SweepConfig.validate",
+         "data": "check_data_dir"}
+REACHED: dict[str, tuple | None] = {}  # row id -> where its error was raised, once run
 
 
-@pytest.mark.parametrize("command, args, message", BAD_SETTINGS,
-                         ids=[" ".join((c, *a)) for c, a, _ in BAD_SETTINGS])
-def test_bad_settings_fail_at_once_with_one_line_naming_the_flag(tmp_path, capsys, command,
-                                                                  args, message):
-    # In this process (its four test devices), through the CLI's own entry point; the
-    # process boundary is checked once below.
+def run_bad_setting(tmp_path, capsys, monkeypatch, command, args, message):
+    """One row, through the CLI's own entry point in this process (its four test devices);
+    returns where the error it printed was raised: (file, function, line), or None for
+    argparse's. The process boundary is checked once below."""
     out = tmp_path / "out"
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "file").write_text("not a directory")
-    args = tuple(a.replace("{file}", str(tmp_path / "file")) for a in args)
-    extra = (() if command in ("data", "eda") or "--resume" in args or "--out" in args
-             else ("--out", out, "--no-compilation-cache"))
-    if command == "train" and "--variant" not in args:
-        extra += ("--variant", "baseline")
+    places = {"file": tmp_path / "file", "out": out, "run": tmp_path / "run",
+              "sweep": tmp_path / "sweep", "garbled": tmp_path / "garbled",
+              "unreadable": tmp_path / "unreadable"}
+    for name, config, command_of in (("run", ExperimentConfig(), "experiment"),
+                                     ("sweep", SweepConfig(), "sweep")):
+        places[name].mkdir()
+        files.write_json(places[name] / "run.json", {"config": config.to_dict(),
+                                                     "command": command_of,
+                                                     "status": "interrupted"})
+    places["garbled"].mkdir()
+    (places["garbled"] / "run.json").write_text("{")
+    places["unreadable"].mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != str(
+        places["unreadable"]) and access(path, mode, **kw))
+    for name, path in places.items():
+        args = tuple(a.replace(f"{{{name}}}", str(path)) for a in args)
+    # Every row of train, experiment and sweep: the compilation cache, once on, would stay on
+    # for every later test (the rows with their own --out or --resume turned it on).
+    extra = () if command in ("data", "eda") else ("--no-compilation-cache",)
+    if command != "data" and "--out" not in args and "--resume" not in args:
+        extra += ("--out", out)
+    before = snapshot(tmp_path)
+    made = errors_made(monkeypatch)
     done = run_main(capsys, command, *args, *extra, check=False)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert done.stderr.startswith("mnist-jax: error: ") and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert not out.exists(), "work started before the settings were checked"
+    # select_variants words it for --variants and train's --variant (and Python) alike.
+    assert " --" in done.stderr or "unknown variant" in done.stderr, "names no flag"
+    assert not out.exists() and snapshot(tmp_path) == before, "written before the check"
+    line = done.stderr.strip()
+    return next((site for error, site in reversed(made)
+                 if line == f"mnist-jax: error: {error}"), None)
+
+
+def snapshot(directory):
+    """Every file and folder under `directory` but the run directories' locks, with content."""
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(directory.rglob("*"))
+            if p.name != files.LOCK_FILE}
+
+
+def errors_made(monkeypatch):
+    """[(error, (file, function, line))]: each of the project's errors made from now on."""
+    made = []
+    init = MnistJaxError.__init__
+
+    def record(self, *args, **kwargs):
+        caller = sys._getframe(1)
+        made.append((self, (os.path.realpath(caller.f_code.co_filename),
+                            caller.f_code.co_qualname, caller.f_lineno)))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MnistJaxError, "__init__", record)
+    return made
+
+
+@pytest.mark.parametrize("command, args, message", BAD_SETTINGS, ids=IDS)
+def test_bad_settings_fail_at_once_with_one_line_naming_the_flag(tmp_path, capsys, monkeypatch,
+                                                                  command, args, message):
+    """Exit 2, one line naming the flag, nothing written: before any work."""
+    REACHED[" ".join((command, *args))] = run_bad_setting(tmp_path, capsys, monkeypatch,
+                                                          command, args, message)
+
+
+def raise_sites(module, within: str):
+    """[(function, first line, last line, source)] of each `raise ConfigError(...)` or
+    `raise DataError(...)` in `module`, in functions whose qualified name starts `within`."""
+    source = Path(module.__file__).read_text()
+    lines = source.splitlines()
+    sites, stack = [], []
+
+    class Visit(ast.NodeVisitor):
+        def visit_ClassDef(self, node):
+            stack.append(node.name)
+            self.generic_visit(node)
+            stack.pop()
+
+        def visit_FunctionDef(self, node):
+            stack.extend((node.name, "<locals>"))
+            self.generic_visit(node)
+            del stack[-2:]
+
+        def visit_Raise(self, node):
+            call = node.exc
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") in (
+                    "ConfigError", "DataError"):
+                function = ".".join(stack[:-1] if stack[-1:] == ["<locals>"] else stack)
+                if function.startswith(within):
+                    sites.append((function, node.lineno, node.end_lineno,
+                                  "\n".join(lines[node.lineno - 1:node.end_lineno])))
+
+    Visit().visit(ast.parse(source))
+    return sites
+
+
+def test_every_check_a_flag_can_reach_has_a_row(tmp_path, capsys, monkeypatch):
+    """Each raise of a ConfigError or DataError in config.py, cli.py, experiment.py,
+    SweepConfig.validate and check_data_dir is where some row's error came from, or is listed
+    in UNREACHABLE with the reason; a new check without a row fails here. (A raise serving
+    several flags, `integer` say, counts once: the rows give each flag its own.)"""
+    assert len(set(IDS)) == len(IDS)
+    for i, (command, args, message) in enumerate(BAD_SETTINGS):
+        if IDS[i] not in REACHED:  # not run yet in this process (-k, another worker)
+            with monkeypatch.context() as patch:
+                REACHED[IDS[i]] = run_bad_setting(tmp_path / str(i), capsys, patch, command,
+                                                  args, message)
+    unexplained, listed = [], set()
+    for name, within in SCOPE.items():
+        module = importlib.import_module(f"mnist_jax.{name}")
+        path = os.path.realpath(module.__file__)
+        for function, first, last, text in raise_sites(module, within):
+            rows = [row for row, site in REACHED.items() if site is not None
+                    and site[:2] == (path, function) and first <= site[2] <= last]
+            why = [u for u in UNREACHABLE if u[:2] == (name, function) and u[2] in text]
+            listed.update(why)
+            assert not (rows and why), (f"{name}.{function} line {first} is reached by "
+                                        f"{rows}: take it out of UNREACHABLE")
+            if not rows and not why:
+                unexplained.append(f"{name}.{function} line {first}: {text.splitlines()[0]}")
+    assert not unexplained, "no row reaches:\n" + "\n".join(unexplained)
+    assert listed == set(UNREACHABLE), set(UNREACHABLE) - listed  # no stale entries
 
 
 def test_every_flag_that_takes_a_value_has_a_bad_value_case():
@@ -438,23 +671,23 @@ def test_every_flag_that_takes_a_value_has_a_bad_value_case():
 
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     covered = {(c, a) for c, args, _ in BAD_SETTINGS for a in args if a.startswith("--")}
-    missing = [(name, flag) for name, parser in commands.items() for action in parser._actions
-               if action.nargs != 0 for flag in action.option_strings
-               if (name, flag) not in covered and flag.startswith("--")
-               and (name, flag) not in NO_BAD_VALUE]
+    # A flag and its aliases (--placement, --schedule) are one action: a row for either.
+    missing = [(name, action.option_strings[0]) for name, parser in commands.items()
+               for action in parser._actions
+               if action.nargs != 0 and action.option_strings[0].startswith("--")
+               and not {(name, flag) for flag in action.option_strings} & (covered | NO_BAD_VALUE)]
     assert not missing, missing
 
 
-# Paths that may not exist yet (any value is valid), and `train`'s and `sweep`'s training flags,
-# which are `experiment`'s (cli._training, cli._fit_flags; the rows above cover them).
-NO_BAD_VALUE = {("eda", "--out"), ("eda", "--data-dir"), ("data", "--data-dir"),
-                ("train", "--out"), ("train", "--resume"), ("train", "--data-dir"),
+# `train`'s and `sweep`'s flags that are `experiment`'s (cli._common, cli._training,
+# cli._fit_flags, cli._output): the rows above cover them.
+NO_BAD_VALUE = {("train", "--out"), ("train", "--resume"), ("train", "--data-dir"),
                 ("train", "--epochs"), ("train", "--batch-size"), ("train", "--validation-split"),
                 ("train", "--l2"), ("train", "--dropout"), ("train", "--lr"),
                 ("train", "--optimizer"), ("train", "--loss"), ("train", "--eval-batch-size"),
                 ("train", "--data-parallel"), ("train", "--placement"), ("train", "--dropout-rng"),
-                ("train", "--checkpoint-every"), ("train", "--precision"),
-                ("train", "--matmul-precision"), ("sweep", "--precision"),
+                ("train", "--checkpoint-every"), ("train", "--dtype"),
+                ("train", "--matmul-precision"), ("sweep", "--dtype"),
                 ("sweep", "--matmul-precision"),
                 *(("sweep", flag) for flag in (
                     "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
