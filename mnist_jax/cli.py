@@ -534,9 +534,9 @@ def run() -> None:
 
     When `main` returns, every file is written and closed, the checkpoints' writes waited
     for and the figure workers gone; what the interpreter would do next is tear down JAX, XLA
-    and their libraries one object at a time: 0.4-0.5 s of a 19 s study on 2 cores (measured,
-    Zen 5), skipped here. An exception still ends the process the usual way, traceback and
-    all.
+    and their libraries one object at a time, a noticeable share of a short study
+    (docs/design.md), skipped here. An exception still ends the process the usual way,
+    traceback and all.
     """
     code = main()
     for stream in (sys.stdout, sys.stderr):

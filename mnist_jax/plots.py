@@ -56,7 +56,7 @@ def label_distribution(train_labels: np.ndarray, test_labels: np.ndarray) -> Fig
 def digit_grid(images: np.ndarray, labels: np.ndarray, *, titles: Sequence[str] | None = None,
                rows: int = 5, cols: int = 5, title: str = "") -> Figure:
     """The first rows * cols of `images` (N, 28, 28) in a grid, each captioned by its label (or
-    `titles`). One image and one axes for the whole grid: 25 axes took 5x as long to draw."""
+    `titles`). One image and one axes for the whole grid: 25 axes draw far slower."""
     n = min(rows * cols, len(images))
     height, width = images.shape[1:3]
     head, gap = height // 3, 2  # room for the caption above each digit; space between columns

@@ -1,6 +1,6 @@
 """Figures drawn in worker processes while this one evaluates, then written here.
 
-Drawing a figure is Python holding the GIL (0.1 s each, 9 for the study), so threads would
+Drawing a figure is Python holding the GIL, so threads would
 not overlap; two worker processes (the cores training has just freed) draw while the main
 process evaluates. They start early, so their imports overlap compilation, and they return
 PNG bytes: every file is written by this process (atomically, with the user's umask). Where
@@ -38,8 +38,7 @@ def _worker(main_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Below the main process: their imports and the EDA figures take what the compiler and
-    # the evaluation leave of the cores, rather than slowing them (measured with
-    # benchmarks.ab: the study's process 1.0 s shorter cold, 0.26 s warm, on 2 cores).
+    # the evaluation leave of the cores, rather than slowing them (docs/design.md).
     try:
         os.nice(NICENESS)
     except (AttributeError, OSError):  # no nice here: the same work at the same priority
@@ -49,7 +48,7 @@ def _worker(main_pid: int) -> None:
     os.dup2(devnull, 2)
     threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
     # Told to stop, a worker has sent every result (its queue writes synchronously); what the
-    # interpreter would do next is tear matplotlib down, 0.14 s the main process waited for.
+    # interpreter would do next is tear matplotlib down, which the main process would wait for.
     atexit.register(os._exit, 0)
     import mnist_jax.plots  # noqa: F401  (warm: matplotlib imported before the first job)
 

@@ -247,11 +247,11 @@ def shuffle_indices(key: jax.Array, n: int) -> jax.Array:
 
     Same algorithm (tjablin's, in jax.random's `_shuffle`): rounds of stable sorts by fresh
     random keys, as many rounds as make key collisions negligible, ceil(3 ln n / ln 2**bits).
-    jax sorts (key, value) pairs with 32-bit keys; XLA:CPU sorts a lone uint32 array ~6x
-    faster than a pair, so here each round sorts one array, `bits` random bits above the
-    element's current position (log2 n bits). The position makes every key distinct and the
-    sort stable; with fewer random bits per round it takes more rounds (3 instead of 2 for
-    42,000 samples): 7 ms instead of 37 ms for those on two Skylake cores.
+    jax sorts (key, value) pairs with 32-bit keys; XLA:CPU sorts a lone uint32 array several
+    times faster than a pair, so here each round sorts one array, `bits` random bits above
+    the element's current position (log2 n bits). The position makes every key distinct and
+    the sort stable; with fewer random bits per round it takes more rounds (3 instead of 2
+    for 42,000 samples), and is still faster (docs/design.md).
     """
     index_bits = max(1, (n - 1).bit_length())
     if index_bits > _MAX_INDEX_BITS:
@@ -292,7 +292,7 @@ def evaluate_rows(state: TrainState, images: jax.Array, labels: jax.Array, start
 
     `start` and `count` may be traced: one compiled program evaluates any range of one array
     (`EpochData`'s validation rows every epoch, then its test and training rows), where a
-    program per data set cost a compilation each (0.25 s on 2 CPU cores).
+    program per data set would cost a compilation each.
     """
     n = images.shape[0]
     b = min(batch_size, n)
@@ -353,7 +353,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
                 models_sharding: jax.sharding.NamedSharding | None = None,
                 ) -> tuple[TrainState, TrainMetrics]:
     """One epoch of every model in the (S, V) stack, in one program (validation is
-    `evaluate_rows`' program: fused in here it cost the epoch's compilation 0.3 s).
+    `evaluate_rows`' program: fused in here it lengthened the epoch's compilation).
 
     Each seed draws a fresh permutation of the training set (fold_in(shuffle key, epoch)),
     every sample is visited once, the last partial batch included. A model whose loss turns
@@ -400,8 +400,7 @@ def train_epoch(state: TrainState, keys: RunKeys, data: EpochData, epoch: jax.Ar
         # One models axis, every model with its own copy of its seed's batch: each layer is
         # then a batched matmul with the weights in their stored layout. Sharing the batch
         # (one matmul for the first layer of all models) made XLA transpose every model's
-        # first kernel each step and hand Adam its gradient transposed. With the carry below:
-        # 1.44x faster for the study's 4 models on 2 CPU cores, 1.16x for 8.
+        # first kernel each step and hand Adam its gradient transposed (docs/design.md).
         state, m = jax.vmap(step, in_axes=(0, Batch(0, 0, None), 0))(
             state, Batch(per_model(images), per_model(labels), w), per_model(step_keys))
         return state, jax.tree.map(to_stack, m)

@@ -117,19 +117,6 @@ def test_report_embeds_every_figure(one_epoch):
     assert "## Are the differences real?" in text  # four variants: yes, with the advice
 
 
-def test_selection_follows_validation_where_test_disagrees():
-    """Chosen on test, 'a' would win; on validation (the protocol), 'b' does."""
-    def variant(val, test, train=0.99):
-        return {"stats": {"val_accuracy": {"mean": val}, "test_accuracy": {"mean": test},
-                          "accuracy": {"mean": train}}}
-
-    chosen = experiment.select({"a": variant(0.970, 0.990), "b": variant(0.980, 0.950)})
-    assert chosen == {"variant": "b", "on": "val_accuracy", "values": {"a": 0.97, "b": 0.98}}
-    no_val = {n: {"stats": {"accuracy": {"mean": acc}, "test_accuracy": {"mean": test}}}
-              for n, acc, test in (("a", 0.95, 0.99), ("b", 0.96, 0.90))}
-    assert experiment.select(no_val)["variant"] == "b"  # training accuracy, never test
-
-
 def test_the_original_column_only_beside_the_original_recipe():
     cfg = {"train": {"epochs": 20, "batch_size": 128, "validation_split": 0.3,
                      "learning_rate": 1e-3, "hidden": [256, 256]}, "l2": 0.001, "dropout": 0.45}
@@ -204,7 +191,7 @@ def test_seeds_give_statistics_and_intervals(mnist, tmp_path, capsys):
 def test_metrics_on_all_training_images_match_numpy(splits):
     """collect's full-training-set metrics (its training part evaluated, the validation part
     taken from the last epoch) against a NumPy forward pass over all of them at once."""
-    from mnist_jax import experiment, fit
+    from mnist_jax import fit
     from mnist_jax.config import VARIANTS, TrainConfig
 
     small = fit.Splits(splits.train_images[:3000], splits.train_labels[:3000],
@@ -212,7 +199,7 @@ def test_metrics_on_all_training_images_match_numpy(splits):
                        splits.test_images[:500], splits.test_labels[:500])
     stack = fit.train_stack(small, [VARIANTS["l2"], VARIANTS["dropout"]], (0,),
                             TrainConfig(epochs=1), progress=False)
-    results = experiment.collect(stack)
+    results = {r.name: r for r in experiment.collect(stack)}
     x = np.concatenate([small.train_images, small.val_images]).astype(np.float64)
     y = np.concatenate([small.train_labels, small.val_labels]).argmax(1)
     for name, coef in (("l2", 1e-3), ("dropout", 0.0)):
@@ -225,7 +212,7 @@ def test_metrics_on_all_training_images_match_numpy(splits):
         log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
         ce = -log_probs[np.arange(len(y)), y].mean()
         penalty = coef * (p["hidden_1"]["kernel"] ** 2).sum()
-        full = results[name]["train_full"]
+        full = results[name].runs[0].train_full
         assert full["accuracy"] == pytest.approx((logits.argmax(1) == y).mean(), abs=1e-6)
         assert full["cross_entropy"] == pytest.approx(ce, rel=1e-5)
         assert full["penalty"] == pytest.approx(penalty, rel=1e-5)

@@ -84,13 +84,15 @@ def test_replay_starts_from_keras_s_initial_weights(recording):
 @pytest.mark.parametrize("run", RUNS)
 def test_keras_adam_follows_keras_step_for_step(recording, fit_split, run):
     """Per-step losses and the weights after 100 steps equal Keras's within float32 noise
-    (measured: losses 2.7e-7 relative at most, weights 2.0e-7 absolute at most)."""
+    (measured: losses 5e-7 relative at most; weights 2.0e-7 absolute at most on the Zen 5 that
+    recorded Keras, 6e-5 in 12 of 200,704 on a Zen 3, where Keras itself differs from its
+    own recording by as much; optax's Adam is 0.03 away)."""
     losses, weights = replay(recording, fit_split, run, "keras-adam")
     keras_losses = recording[f"{run}/losses"][:WINDOW]
     np.testing.assert_allclose(losses, keras_losses, rtol=1e-6, atol=0)
     assert int(recording["weights_at"]) == WINDOW
     for i, w in enumerate(weights):
-        np.testing.assert_allclose(w, recording[f"{run}/weights_{i}"], rtol=1e-5, atol=1e-6,
+        np.testing.assert_allclose(w, recording[f"{run}/weights_{i}"], rtol=1e-5, atol=2e-4,
                                    err_msg=f"weight array {i} of {run}")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mnist_jax import checkpoint, files, fit
+from mnist_jax import checkpoint, files, fit, rundir
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.errors import MnistJaxError
 from mnist_jax.experiment import ExperimentConfig
@@ -474,7 +474,7 @@ BAD_SETTINGS = [
     ("sweep", ("--chunk", "3", "--model-parallel", "2", "--placement", "stack"),
      "--chunk 3 must be a multiple of --model-parallel 2"),
     ("sweep", ("--search-seed", "-1"), "--search-seed -1 must be an integer >= 0"),
-    # experiment: the run directory; files.exclusive
+    # experiment: the run directory; rundir.exclusive
     ("experiment", ("--out", "{file}"), "is a file; choose a directory"),
     ("sweep", ("--out", "{file}"), "is a file; choose a directory"),
     ("experiment", ("--out", "{file}/run"),
@@ -506,7 +506,9 @@ UNREACHABLE = [
     ("config", "Variant.with_values", "has no L2 penalty",
      "select_variants gives --l2 only to variants with a penalty; a sweep builds Variants"),
     ("config", "Variant.with_values", "has no dropout", "as for --l2"),
-    ("config", "Variant.validate", "the model's", "no flag sets the hidden sizes, and "
+    ("config", "resolve_layers", "the model's layers are",
+     "SweepConfig.validate catches it and names --l2-layers or --dropout-layers itself"),
+    ("config", "Variant.validate", "{field} names {e}", "no flag sets the hidden sizes, and "
      "SweepConfig.validate checks --l2-layers and --dropout-layers first"),
     ("config", "Variant.validate", "(variant {self.name!r}) must be a finite",
      "built-in variants have no learning rate; SweepConfig.validate checks --lr first"),
@@ -519,16 +521,18 @@ UNREACHABLE = [
     ("config", "TrainConfig.validate", "Adam eps", "eps is no flag"),
     ("config", "TrainConfig.validate", "hidden sizes", "the hidden sizes are no flag"),
     ("config", "check_seeds", "must be distinct", "parse_seeds refuses the same seeds first"),
-    ("experiment", "prepare_run_dir", "is a file", "held_run_dir refuses it first"),
-    ("experiment", "prepare_run_dir", "started with another config",
+    ("rundir", "exclusive", "is in use by another run",
+     "no bad value: a second live process; the lock tests above hold it"),
+    ("rundir", "prepare", "is a file", "rundir.hold refuses it first"),
+    ("rundir", "prepare", "started with another config",
      "the CLI resumes a run with the config it recorded"),
-    ("experiment", "prepare_run_dir", "is not writable",
-     "files.exclusive has just made the directory and its lock, or refused it"),
+    ("rundir", "prepare", "is not writable",
+     "rundir.exclusive has just made the directory and its lock, or refused it"),
     ("sweep", "SweepConfig.validate", "--search {self.search!r}", "argparse's choices"),
     ("sweep", "SweepConfig.validate", "needs Optuna", "Optuna is installed with the tests"),
 ]
 # Where the meta-test looks for raise sites: each module, all of it or one function.
-SCOPE = {"config": "", "cli": "", "experiment": "", "sweep": "SweepConfig.validate",
+SCOPE = {"config": "", "cli": "", "experiment": "", "rundir": "", "sweep": "SweepConfig.validate",
          "data": "check_data_dir"}
 REACHED: dict[str, tuple | None] = {}  # row id -> where its error was raised, once run
 
@@ -580,7 +584,7 @@ def run_bad_setting(tmp_path, capsys, monkeypatch, command, args, message):
 def snapshot(directory):
     """Every file and folder under `directory` but the run directories' locks, with content."""
     return {p: p.read_bytes() if p.is_file() else None for p in sorted(directory.rglob("*"))
-            if p.name != files.LOCK_FILE}
+            if p.name != rundir.LOCK_FILE}
 
 
 def errors_made(monkeypatch):

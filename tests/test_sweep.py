@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mnist_jax import fit, kernels, optim, placement, programs, stacks, sweep
-from mnist_jax.config import VARIANTS, TrainConfig
+from mnist_jax.config import VARIANTS, TrainConfig, Variant
 
 from test_cli import run_main
 
@@ -64,8 +64,8 @@ def test_random_points_are_drawn_from_the_search_seed_within_the_ranges():
     assert {p.learning_rate for p in fixed} == {2e-3}
 
 
-def _result(val: list[float], test: list[float], diverged=()):
-    return {"variant": dataclasses.asdict(VARIANTS["baseline"]),
+def _result(name: str, val: list[float], test: list[float], diverged=()):
+    return {"variant": dataclasses.asdict(Variant(name)),
             "runs": [{"seed": s, "history": {"accuracy": [0.9], "val_accuracy": [v]},
                       "test": {"accuracy": t, "loss": 0.1}}
                      for s, (v, t) in enumerate(zip(val, test, strict=True))],
@@ -73,9 +73,9 @@ def _result(val: list[float], test: list[float], diverged=()):
 
 
 def test_the_choice_is_made_on_validation_never_on_test():
-    results = {"baseline": _result([0.970, 0.972], [0.980, 0.982]),
-               "a": _result([0.975, 0.977], [0.970, 0.971]),  # best validation, worse test
-               "b": _result([0.990, 0.991], [0.999, 0.999], diverged=[{"seed": 1}])}
+    results = {"baseline": _result("baseline", [0.970, 0.972], [0.980, 0.982]),
+               "a": _result("a", [0.975, 0.977], [0.970, 0.971]),  # best validation, worse test
+               "b": _result("b", [0.990, 0.991], [0.999, 0.999], diverged=[{"seed": 1}])}
     chosen = sweep.assemble(sweep.SweepConfig(), results)["selection"]
     assert chosen["configuration"] == "a" and chosen["on"] == "val_accuracy"
     assert chosen["value"] == pytest.approx(0.976)
@@ -85,7 +85,8 @@ def test_the_choice_is_made_on_validation_never_on_test():
 def test_the_chosen_is_compared_with_each_original_present():
     a = [0.981, 0.979, 0.983, 0.983]
     base = [0.978, 0.977, 0.979, 0.980]
-    results = {"x": _result(a, a), "baseline": _result(base, base), "dropout": _result(a, base)}
+    results = {"x": _result("x", a, a), "baseline": _result("baseline", base, base),
+               "dropout": _result("dropout", a, base)}
     out = {c["b"]: c for c in sweep.assemble(sweep.SweepConfig(), results)["comparisons"]}
     assert set(out) == {"baseline", "dropout"} and {c["a"] for c in out.values()} == {"x"}
     assert out["baseline"]["mean"] == pytest.approx(0.003)  # by hand: 0.003, 0.002, 0.004, 0.003
@@ -163,7 +164,7 @@ def test_tpe_asks_a_batch_and_replays_the_same_points():
         points = first.ask(4)
         assert len({p.name for p in points}) == 4
         assert all(1e-6 <= p.l2 <= 1e-2 and 0 <= p.dropout <= 0.6 for p in points)
-        results = {p.name: _result([0.9 + p.dropout / 10], [0.9]) for p in points}
+        results = {p.name: _result(p.name, [0.9 + p.dropout / 10], [0.9]) for p in points}
         first.tell(points, results)
         told.append((points, results))
     replay = sweep.TPE(config)
