@@ -35,9 +35,11 @@ def _package_root(tree: Path) -> Path:
 
 
 def _imported_from(env: dict) -> str:
-    """Where `import mnist_jax` resolves with this environment."""
+    """Where `import mnist_jax` resolves with this environment (run from the code's own
+    directory: the working directory comes first on sys.path, before PYTHONPATH)."""
     return subprocess.run([sys.executable, "-c", "import mnist_jax; print(mnist_jax.__file__)"],
-                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+                          env=env, cwd=env["PYTHONPATH"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def run_study(src: Path, cache: Path, out: Path, epochs: int, data_dir: str | None) -> dict:
@@ -48,10 +50,10 @@ def run_study(src: Path, cache: Path, out: Path, epochs: int, data_dir: str | No
         raise RuntimeError(f"PYTHONPATH={src} imported mnist_jax from {module}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    data = ["--data-dir", data_dir] if data_dir else []
-    subprocess.run([sys.executable, "-m", "mnist_jax.cli", "experiment", "--out", str(out),
-                    "--epochs", str(epochs), "--quiet", *data], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    data = ["--data-dir", str(Path(data_dir).resolve())] if data_dir else []
+    subprocess.run([sys.executable, "-m", "mnist_jax.cli", "experiment", "--out",
+                    str(out.resolve()), "--epochs", str(epochs), "--quiet", *data], env=env,
+                   cwd=src, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     timing = json.loads((out / "metrics.json").read_text())["timing"]
     return {"module": module, "wall_s": wall, "compile_s": timing["compile_seconds"],

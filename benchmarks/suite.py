@@ -27,7 +27,7 @@ from benchmarks.harness import (
     time_epochs,
     timed,
 )
-from mnist_jax import fit, optim, programs
+from mnist_jax import fit, optim, placement, programs
 from mnist_jax.config import VARIANTS, TrainConfig
 from mnist_jax.model import train_flops_per_sample
 from mnist_jax.steps import Batch, EpochData, train_step
@@ -185,14 +185,14 @@ def stacks(results: Results, splits: fit.Splits, peak: float, sizes, repeats: in
         variants = [VARIANTS[names[i % len(names)]] for i in range(min(size, len(names)))]
         seeds = tuple(range(-(-size // len(variants))))
         models = len(variants) * len(seeds)
-        for placement in placements if models > 1 else ("sequential",):
+        for where in placements if models > 1 else ("sequential",):
             stack, run, compile_s = _epoch_program(variants, seeds,
-                                                   TrainConfig(placement=placement), data)
+                                                   TrainConfig(placement=where), data)
             t = time_epochs(run, stack.state, repeats, yardstick and yardstick.window().sample)
             samples_per_s = models * n / t["min_s"]
             gflops = samples_per_s * train_flops_per_sample() / 1e9
-            results.add("stack", placement=placement, models=models,
-                        workers=placement.workers(models) if placement == "concurrent" else 1,
+            results.add("stack", placement=where, models=models,
+                        workers=placement.workers(models) if where == "concurrent" else 1,
                         compile_s=compile_s, samples_per_s=samples_per_s,
                         samples_per_s_per_model=samples_per_s / models,
                         **_utilisation(gflops, peak, yardstick), **t)
