@@ -16,9 +16,13 @@ from mnist_jax.config import (
     DTYPES,
     LOSS_FORMS,
     MATMUL_PRECISIONS,
+    MAX_DEPTH,
+    MAX_WIDTH,
     OPTIMIZERS,
     PLACEMENTS,
+    WEIGHT_DECAY_ON,
     TrainConfig,
+    parse_hidden,
 )
 from mnist_jax.errors import (
     ConfigError,
@@ -56,6 +60,11 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
                         "l2_dropout: after both hidden layers)")
     g.add_argument("--lr", type=_number(float, "--lr", "a finite number >= 0"),
                    help="Adam learning rate (default 0.001)")
+    g.add_argument("--weight-decay", type=_number(float, "--weight-decay",
+                                                  "a finite number >= 0"),
+                   help="decoupled weight decay of every variant, as Keras's AdamW: each step "
+                        "removes weight_decay * lr of each decayed weight (default 0: none; "
+                        "Keras's AdamW default is 0.004)")
     if several:
         g.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4: every variant with every "
                                        "seed, in one compiled program (default 0)")
@@ -89,6 +98,12 @@ def _fit_flags(g) -> None:
                    type=_number(float, "--validation-split", "a number in [0, 1)"),
                    help="last fraction of the training set held out (default "
                         f"{_default('validation_split')})")
+    g.add_argument("--hidden", default=None, metavar="W,W,...",
+                   help=f"hidden layer widths (default "
+                        f"{','.join(map(str, _default('hidden')))}): 1 to {MAX_DEPTH} layers "
+                        f"of 1 to {MAX_WIDTH} units; the variants' L2 and dropout follow the "
+                        "depth (l2: the first hidden kernel; l2_dropout: every hidden kernel; "
+                        "dropout after every hidden layer)")
     _choice(g, "optimizer", OPTIMIZERS, "the Adam")
     _choice(g, "loss", LOSS_FORMS, "the cross-entropy, in training and evaluation")
     g.add_argument("--eval-batch-size", type=_number(int, "--eval-batch-size",
@@ -99,6 +114,7 @@ def _fit_flags(g) -> None:
     _choice(g, "dropout_rng", DROPOUT_RNGS, "generator of the dropout masks")
     _choice(g, "dtype", DTYPES, "the matmuls' operand dtype", "--precision")
     _choice(g, "matmul_precision", MATMUL_PRECISIONS, "float32 matmuls' precision")
+    _choice(g, "weight_decay_on", WEIGHT_DECAY_ON, "what --weight-decay shrinks")
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +150,9 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", help="dropout rates, e.g. 0,0.2,0.45 (the grid's default); "
                                      "random and tpe: a range (default 0,0.6, uniform) or one "
                                      "value")
+    g.add_argument("--weight-decay", help="decoupled weight decays (Keras's AdamW), e.g. "
+                                          "0,1e-4,1e-3,1e-2 (default 0: none); grid only "
+                                          "(random and tpe: one value)")
     g.add_argument("--lr", help="Adam learning rates (default 0.001); random and tpe: a "
                                 "range low,high (log-uniform) or one value")
     g.add_argument("--l2-layers", help="kernels the L2 penalty applies to (default "
@@ -259,7 +278,9 @@ def _train_given(args) -> dict:
              "validation_split": args.validation_split, "eval_batch_size": args.eval_batch_size,
              "placement": args.placement, "dropout_rng": args.dropout_rng,
              "optimizer": args.optimizer, "loss": args.loss, "dtype": args.dtype,
-             "matmul_precision": args.matmul_precision}
+             "matmul_precision": args.matmul_precision,
+             "hidden": None if args.hidden is None else parse_hidden(args.hidden),
+             "weight_decay_on": args.weight_decay_on}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -296,6 +317,7 @@ def _sweep_config(args):
     given = {"search": args.search, "l2": _floats("--l2", args.l2),
              "dropout": _floats("--dropout", args.dropout),
              "learning_rate": _floats("--lr", args.lr),
+             "weight_decay": _floats("--weight-decay", args.weight_decay),
              "l2_layers": _names(args.l2_layers), "dropout_layers": _names(args.dropout_layers),
              "samples": args.samples, "search_seed": args.search_seed,
              "seeds": None if args.seeds is None else parse_seeds(args.seeds),
@@ -394,7 +416,8 @@ def _experiment_config(args, variants: tuple[str, ...] | None, seeds: tuple[int,
     given = {**_train_given(args), "learning_rate": args.lr, "data_parallel": data_parallel}
     given = {k: v for k, v in given.items() if v is not None}
     top = {k: v for k, v in (("variants", variants), ("seeds", seeds), ("l2", args.l2),
-                             ("dropout", args.dropout)) if v is not None}
+                             ("dropout", args.dropout), ("weight_decay", args.weight_decay))
+           if v is not None}
     if args.resume is None:
         config = ExperimentConfig(**{"l2": L2, "dropout": DROPOUT, **top,
                                      "train": TrainConfig(**given)})

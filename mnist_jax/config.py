@@ -35,6 +35,12 @@ MATMUL_PRECISIONS: Mapping[str, str] = types.MappingProxyType({
     "default": "XLA's default: TF32 on NVIDIA Ampere and later GPUs, float32 on CPU",
     "highest": "full float32 matmuls everywhere",
 })
+# What decoupled weight decay shrinks (Keras decays every trainable variable unless its
+# `exclude_from_weight_decay` names some).
+WEIGHT_DECAY_ON: Mapping[str, str] = types.MappingProxyType({
+    "all": "every kernel and bias, as Keras's AdamW does by default",
+    "kernels": "the kernels only (Keras: exclude_from_weight_decay(var_names=['bias']))",
+})
 DROPOUT_RNGS: Mapping[str, str] = types.MappingProxyType({
     "hash": "a counter-based hash keyed by the explicit key (cheap on CPU)",
     "threefry": "jax.random.bits",
@@ -78,6 +84,9 @@ class Variant:
     `regularizers.l2(l2)`: no factor 1/2, biases never penalised); `dropout` is the rate of
     the dropout layer after each hidden layer named in `dropout_layers`; layers are named as
     `resolve_layers` reads them ('hidden_1', 'hidden': every hidden layer, ...);
+    `weight_decay` is decoupled weight decay as Keras 3 computes it (AdamW, or Adam with
+    `weight_decay=`): before each Adam step every decayed variable loses
+    `variable * weight_decay * learning_rate` (what it decays: TrainConfig.weight_decay_on);
     `learning_rate`, if given, replaces the TrainConfig's for this variant (a sweep's points
     differ in it).
     """
@@ -88,9 +97,10 @@ class Variant:
     dropout: float = 0.0
     dropout_layers: tuple[str, ...] = ()
     learning_rate: float | None = None
+    weight_decay: float = 0.0
 
     def with_values(self, *, l2: float | None = None, dropout: float | None = None,
-                    name: str | None = None) -> Variant:
+                    weight_decay: float | None = None, name: str | None = None) -> Variant:
         """The same recipe (the same layers) with another L2 coefficient or dropout rate.
 
         Results are keyed by name, so the values given are named too, unless `name` is:
@@ -103,9 +113,12 @@ class Variant:
         if dropout is not None and not self.dropout_layers and dropout != self.dropout:
             raise ConfigError(f"variant {self.name!r} has no dropout: dropout={dropout:g} "
                               "would change nothing")
-        new = dataclasses.replace(self, l2=self.l2 if l2 is None else l2,
-                                  dropout=self.dropout if dropout is None else dropout)
-        given = [f"{k}={v:g}" for k, v in (("l2", l2), ("dropout", dropout)) if v is not None]
+        new = dataclasses.replace(
+            self, l2=self.l2 if l2 is None else l2,
+            dropout=self.dropout if dropout is None else dropout,
+            weight_decay=self.weight_decay if weight_decay is None else weight_decay)
+        given = [f"{k}={v:g}" for k, v in (("l2", l2), ("dropout", dropout),
+                                          ("weight_decay", weight_decay)) if v is not None]
         if name is None:
             name = f"{self.name}[{','.join(given)}]" if given else self.name
         return dataclasses.replace(new, name=name)
@@ -135,24 +148,41 @@ class Variant:
                 resolve_layers(layers, hidden, output=output)
             except ConfigError as e:
                 raise ConfigError(f"variant {self.name!r}: {field} names {e}") from None
-        check_regularisation(self.l2, self.dropout, f" (variant {self.name!r})")
+        check_regularisation(self.l2, self.dropout, f" (variant {self.name!r})",
+                             self.weight_decay)
         lr = self.learning_rate
         if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
             raise ConfigError(f"--lr {lr!r} (variant {self.name!r}) must be a finite number >= 0")
+
+    def describe(self, hidden: tuple[int, ...]) -> str:
+        """What this variant does to the model of `hidden`, layer by layer, in words."""
+        l2 = resolve_layers(self.l2_layers, hidden)
+        dropout = resolve_layers(self.dropout_layers, hidden, output=False)
+        parts = [f"L2 {self.l2:g} on {', '.join(l2)}" if l2 and self.l2 else "no L2",
+                 f"dropout {self.dropout:g} after {', '.join(dropout)}"
+                 if dropout and self.dropout else "no dropout"]
+        if self.weight_decay:
+            parts.append(f"weight decay {self.weight_decay:g}")
+        return "; ".join(parts)
 
     def learning_rate_or(self, default: float) -> float:
         """This variant's learning rate, or `default` (the TrainConfig's) if it sets none."""
         return default if self.learning_rate is None else self.learning_rate
 
 
-def check_regularisation(l2: float, dropout: float, where: str = "") -> None:
-    """An L2 coefficient must be finite and >= 0, a dropout rate in [0, 1); `where` names the
-    variant in the message, if any."""
+def check_regularisation(l2: float, dropout: float, where: str = "",
+                         weight_decay: float = 0.0) -> None:
+    """An L2 coefficient and a weight decay must be finite and >= 0, a dropout rate in [0, 1);
+    `where` names the variant in the message, if any."""
     if not (isinstance(l2, int | float) and math.isfinite(l2) and l2 >= 0):
         raise ConfigError(f"--l2 {l2!r}{where} must be a finite number >= 0")
     if not (isinstance(dropout, int | float) and 0.0 <= dropout < 1.0):
         raise ConfigError(f"--dropout {dropout!r}{where} must lie in [0, 1): it is the fraction "
                           "of units dropped")
+    if not (isinstance(weight_decay, int | float) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ConfigError(f"--weight-decay {weight_decay!r}{where} must be a finite number >= 0 "
+                          "(each step removes weight_decay * learning_rate of every weight)")
 
 
 L2 = 0.001
@@ -167,8 +197,10 @@ VARIANTS: Mapping[str, Variant] = types.MappingProxyType({
 
 
 def select_variants(names: Sequence[str], *, l2: float | None = None,
-                    dropout: float | None = None) -> tuple[Variant, ...]:
-    """The named built-in variants, with `l2` / `dropout` replacing their defaults."""
+                    dropout: float | None = None, weight_decay: float = 0.0,
+                    ) -> tuple[Variant, ...]:
+    """The named built-in variants, with `l2` / `dropout` replacing their defaults and
+    `weight_decay` given to every one."""
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant {', '.join(map(repr, unknown))}; choose from "
@@ -180,7 +212,7 @@ def select_variants(names: Sequence[str], *, l2: float | None = None,
     # The study's flags set its variants' values, keeping their names.
     return tuple(VARIANTS[n].with_values(l2=l2 if VARIANTS[n].l2_layers else None,
                                          dropout=dropout if VARIANTS[n].dropout_layers else None,
-                                         name=n) for n in names)
+                                         weight_decay=weight_decay, name=n) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +243,7 @@ class TrainConfig:
     dtype: str = "float32"
     # 'default' (XLA's: TF32 on NVIDIA Ampere and later, float32 on CPU) or 'highest'.
     matmul_precision: str = "default"
+    weight_decay_on: str = "all"  # what a variant's weight decay shrinks: WEIGHT_DECAY_ON
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainConfig:
@@ -254,8 +287,7 @@ class TrainConfig:
                 raise ConfigError(f"Adam {flag} {value!r} must lie in [0, 1)")
         if not self.eps > 0:
             raise ConfigError(f"Adam eps {self.eps!r} must be > 0")
-        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden sizes {self.hidden!r} must be positive integers")
+        check_hidden(self.hidden)
         integer("--eval-batch-size", self.eval_batch_size, 1)
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"--placement {self.placement!r} must be one of "
@@ -270,7 +302,9 @@ class TrainConfig:
                               f"{self.data_parallel}, so each device gets an equal share")
         for flag, value, choices in (("--dtype", self.dtype, DTYPES),
                                      ("--matmul-precision", self.matmul_precision,
-                                      MATMUL_PRECISIONS)):
+                                      MATMUL_PRECISIONS),
+                                     ("--weight-decay-on", self.weight_decay_on,
+                                      WEIGHT_DECAY_ON)):
             if value not in choices:
                 raise ConfigError(f"{flag} {value!r} must be one of {', '.join(choices)}")
         integer("--model-parallel", self.model_parallel, 1)
@@ -284,6 +318,33 @@ class TrainConfig:
                               f"cannot share devices with --data-parallel "
                               f"{self.data_parallel} (their collectives could interleave); "
                               f"use --placement sequential or stack")
+
+
+MAX_DEPTH = 8  # hidden layers
+MAX_WIDTH = 8192  # units in a hidden layer
+
+
+def check_hidden(hidden: Sequence[int]) -> None:
+    """1 to MAX_DEPTH hidden layers of 1 to MAX_WIDTH units each."""
+    ok = (isinstance(hidden, tuple) and 1 <= len(hidden) <= MAX_DEPTH
+          and all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= MAX_WIDTH
+                  for h in hidden))
+    if not ok:
+        shown = ",".join(map(str, hidden)) if isinstance(hidden, tuple | list) else repr(hidden)
+        raise ConfigError(f"--hidden {shown} must be 1 to {MAX_DEPTH} widths, each an integer "
+                          f"from 1 to {MAX_WIDTH}, e.g. 256,256 or 512,512,512")
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """'512,512' -> (512, 512): the widths of the hidden layers (TrainConfig.validate checks
+    them: check_hidden)."""
+    try:
+        hidden = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--hidden {text!r} must be widths separated by commas, e.g. "
+                          f"256,256 or 512,512,512 (1 to {MAX_DEPTH} of 1 to {MAX_WIDTH})"
+                          ) from None
+    return hidden
 
 
 def check_seeds(seeds: Sequence[int]) -> None:

@@ -27,6 +27,7 @@ from mnist_jax.config import (
     select_variants,
 )
 from mnist_jax.data import MNIST
+from mnist_jax.errors import ConfigError
 from mnist_jax.model import count_params, summary
 from mnist_jax.render import Renderer
 
@@ -40,11 +41,13 @@ class ExperimentConfig:
     l2: float = L2
     dropout: float = DROPOUT
     train: TrainConfig = TrainConfig()
+    weight_decay: float = 0.0  # every variant's (Variant.weight_decay)
 
     def resolve(self) -> tuple[Variant, ...]:
-        """The variants with this config's L2 coefficient and dropout rate, validated, their
-        layers named as the model of `train.hidden` names them."""
-        variants = select_variants(self.variants, l2=self.l2, dropout=self.dropout)
+        """The variants with this config's L2 coefficient, dropout rate and weight decay,
+        validated, their layers named as the model of `train.hidden` names them."""
+        variants = select_variants(self.variants, l2=self.l2, dropout=self.dropout,
+                                   weight_decay=self.weight_decay)
         for variant in variants:
             variant.validate(self.train.hidden)
         return tuple(v.at_depth(self.train.hidden) for v in variants)
@@ -52,9 +55,13 @@ class ExperimentConfig:
     def validate(self, n_train: int = 60000) -> None:
         """Every setting, before any work starts; raises ConfigError naming the flag."""
         # Checked here too, since a value no chosen variant uses is still a wrong flag.
-        check_regularisation(self.l2, self.dropout)
-        self.resolve()
+        check_regularisation(self.l2, self.dropout, weight_decay=self.weight_decay)
         self.train.validate(n_train)
+        self.resolve()
+        if self.weight_decay and self.train.learning_rate == 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay:g} changes nothing with --lr 0 "
+                              "(each step removes weight_decay * learning_rate of a weight); "
+                              "give a learning rate > 0 or leave --weight-decay out")
         check_seeds(self.seeds)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +70,8 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
         return cls(variants=tuple(d["variants"]), seeds=tuple(d["seeds"]), l2=d["l2"],
-                   dropout=d["dropout"], train=TrainConfig.from_dict(d["train"]))
+                   dropout=d["dropout"], train=TrainConfig.from_dict(d["train"]),
+                   weight_decay=d.get("weight_decay", 0.0))
 
 
 @contextlib.contextmanager
@@ -323,6 +331,8 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
             stack = fit.new_stack(config.resolve(), config.seeds, config.train,
                                   len(mnist.train_images))
         echo(summary(stack.model))
+        for v in stack.variants:
+            echo(f"  {v.name}: {v.describe(config.train.hidden)}")
         if resume:
             if checkpoint.restore(mgr, stack) is None:
                 echo(f"no checkpoint in {out / rundir.CHECKPOINTS} yet: starting from epoch 1")

@@ -108,7 +108,7 @@ def summary(model: MLP, input_dim: int = 784) -> str:
         rows.append((f"{name} (Dense, ReLU)" if name != "output" else "output (Dense, logits)",
                      f"(batch, {kernel[1]})", f"{kernel[0] * kernel[1] + kernel[1]:,}"))
         if model.dropout and name != "output":
-            rows.append((f"dropout_{i + 1} (rate traced)", f"(batch, {kernel[1]})", "0"))
+            rows.append((f"dropout_{i + 1} (rate per variant)", f"(batch, {kernel[1]})", "0"))
     total = count_params(shapes)
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]

@@ -139,7 +139,8 @@ def runner(model: MLP, config: TrainConfig, state: TrainState, keys: RunKeys,
     """Compiles the epoch (unless `train=False`) and the evaluation for the placement of
     `config`, or takes them from the cache; `state`, `keys` and `data` placed already."""
     sharding = placement.batch_sharding(placement.batch_mesh(config))
-    static = dict(model=model, tx=optim.for_config(config), batch_size=config.batch_size,
+    tx = optim.for_config(config, decay=optim.decays(state.opt_state))
+    static = dict(model=model, tx=tx, batch_size=config.batch_size,
                   batch_sharding=sharding, loss_form=config.loss,
                   halt_on_divergence=halt_on_divergence,
                   models_sharding=placement.models_sharding(

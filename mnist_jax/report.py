@@ -40,7 +40,7 @@ def is_original_recipe(cfg: Mapping[str, Any]) -> bool:
         value = cfg["train"][field]  # JSON turned the hidden sizes' tuple into a list
         if (tuple(value) if isinstance(value, list) else value) != getattr(default, field):
             return False
-    return cfg["l2"] == L2 and cfg["dropout"] == DROPOUT
+    return cfg["l2"] == L2 and cfg["dropout"] == DROPOUT and not cfg.get("weight_decay")
 
 
 def _plural(n: int, noun: str) -> str:
@@ -111,7 +111,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if several:
         lines += [f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}.", ""]
     original = is_original_recipe(cfg)
-    header = ("| variant | L2 on | dropout after | train loss | train acc | val loss | val acc "
+    decay = any(v["variant"].get("weight_decay") for v in variants.values())
+    decay_on = cfg["train"].get("weight_decay_on", "all")
+    header = ("| variant | L2 on | dropout after |" + (f" weight decay ({decay_on}) |" if decay
+                                                        else "")
+              + " train loss | train acc | val loss | val acc "
               "| test loss | **test acc** | acc on all 60k train |"
               + (" original test acc (loss) |" if original else ""))
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -124,7 +128,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f" ({recipe['dropout']:g})" if recipe["dropout_layers"] else "")
         val_loss = _pm(st["val_loss"], ".4f") if "val_loss" in st else "–"
         val_acc = _pm(st["val_accuracy"], ".2%") if "val_accuracy" in st else "–"
-        row = (f"| `{name}` | {l2} | {drop} | {_pm(st['loss'], '.4f')} | "
+        wd = f" {recipe.get('weight_decay', 0.0):g} |" if decay else ""
+        row = (f"| `{name}` | {l2} | {drop} |{wd} {_pm(st['loss'], '.4f')} | "
                f"{_pm(st['accuracy'], '.2%')} | {val_loss} | {val_acc} | "
                f"{_pm(st['test_loss'], '.4f')} | **{_pm(st['test_accuracy'], '.2%')}** | "
                f"{_pm(st['train_full_accuracy'], '.2%')} |")
@@ -219,7 +224,8 @@ def _point(v: Mapping[str, Any]) -> str:
         "no L2"
     drop = (f"dropout {v['dropout']:.3g} after {_layers(v['dropout_layers'])}"
             if v["dropout_layers"] and v["dropout"] else "no dropout")
-    return f"{l2}, {drop}, lr {v['learning_rate']:.3g}"
+    wd = f", weight decay {v['weight_decay']:.3g}" if v.get("weight_decay") else ""
+    return f"{l2}, {drop}, lr {v['learning_rate']:.3g}{wd}"
 
 
 def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:

@@ -170,7 +170,8 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         np.array([v.learning_rate_or(config.learning_rate) for v in variants], np.float32),
         np.array([v.l2_vector(config.hidden) for v in variants], np.float32),
         np.array([v.dropout_vector(config.hidden) for v in variants], np.float32),
-        model=model, tx=optim.for_config(config))
+        np.array([v.weight_decay for v in variants], np.float32),
+        model=model, tx=optim.for_config(config, decay=any(v.weight_decay > 0 for v in variants)))
     return model, state, keys
 
 

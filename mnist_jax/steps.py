@@ -128,11 +128,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, form: str = "logits") ->
 
 def create_train_state(init_key: jax.Array, model: MLP, tx: optax.GradientTransformation,
                        hparams: Hyperparams, *, learning_rate: float = 1e-3,
-                       input_dim: int = 784) -> TrainState:
-    """Fresh parameters from `init_key`; optimizer state with the given learning rate."""
+                       weight_decay: float = 0.0, input_dim: int = 784) -> TrainState:
+    """Fresh parameters from `init_key`; optimizer state with the given learning rate (and
+    weight decay, where `tx` decays: optim.optimizer's `decay_on`)."""
     params = model.init(init_key, jnp.zeros((1, input_dim), jnp.float32))["params"]
     opt_state = tx.init(params)
     opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    if "weight_decay" in opt_state.hyperparams:
+        opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       hparams=hparams)
 
@@ -148,16 +151,16 @@ def purpose_keys(root: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def init_stack_state(roots: tuple[jax.Array, ...], learning_rates: jax.Array, l2: jax.Array,
-                     dropout: jax.Array, *, model: MLP, tx: optax.GradientTransformation,
-                     ) -> tuple[TrainState, RunKeys]:
+                     dropout: jax.Array, weight_decays: jax.Array, *, model: MLP,
+                     tx: optax.GradientTransformation) -> tuple[TrainState, RunKeys]:
     """The (S, V) stack of fresh states, from each seed's root key and each variant's
-    learning rate, L2 and dropout rows (V, ...), and the (S,) shuffle and dropout keys.
-    Every variant of a seed starts from the same parameters."""
+    learning rate, L2 and dropout rows and weight decay (V, ...), and the (S,) shuffle and
+    dropout keys. Every variant of a seed starts from the same parameters."""
     def per_seed(root):
         init_key, shuffle_key, dropout_key = purpose_keys(root)
-        states = jax.vmap(lambda lr, l2_row, dropout_row: create_train_state(
+        states = jax.vmap(lambda lr, l2_row, dropout_row, wd: create_train_state(
             init_key, model, tx, Hyperparams(l2=l2_row, dropout=dropout_row),
-            learning_rate=lr))(learning_rates, l2, dropout)
+            learning_rate=lr, weight_decay=wd))(learning_rates, l2, dropout, weight_decays)
         return states, shuffle_key, dropout_key
 
     states, shuffle, dropout_keys = jax.vmap(per_seed)(jnp.stack(roots))

@@ -61,6 +61,7 @@ class SweepConfig:
     l2: tuple[float, ...] = GRID_L2
     dropout: tuple[float, ...] = GRID_DROPOUT
     learning_rate: tuple[float, ...] = (ORIGINAL_LR,)
+    weight_decay: tuple[float, ...] = (0.0,)  # a grid axis; one value for random and tpe
     l2_layers: tuple[str, ...] = ("hidden",)  # config.resolve_layers' names
     dropout_layers: tuple[str, ...] = ("hidden",)
     samples: int = 16
@@ -87,7 +88,7 @@ class SweepConfig:
                 raise ConfigError(f"{flag} {','.join(layers) or '(none)'}: name one or more of "
                                   f"{','.join(names)}, or hidden (every hidden layer)")
         for flag, values in (("--l2", self.l2), ("--dropout", self.dropout),
-                             ("--lr", self.learning_rate)):
+                             ("--lr", self.learning_rate), ("--weight-decay", self.weight_decay)):
             if not values:
                 raise ConfigError(f"{flag} is empty; give at least one value")
             if self.search != "grid" and len(values) > 2:
@@ -99,6 +100,12 @@ class SweepConfig:
             check_regularisation(l2, 0.0)
         for rate in self.dropout:
             check_regularisation(0.0, rate)
+        for decay in self.weight_decay:
+            check_regularisation(0.0, 0.0, weight_decay=decay)
+        if self.search != "grid" and len(self.weight_decay) > 1:
+            raise ConfigError(f"--weight-decay {_show(self.weight_decay)}: --search "
+                              f"{self.search} takes one weight decay; sweep it with --search "
+                              "grid")
         for lr in self.learning_rate:
             if not (math.isfinite(lr) and lr > 0):
                 raise ConfigError(f"--lr {lr!r} must be a finite number > 0")
@@ -134,7 +141,9 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
-        tuples = ("l2", "dropout", "learning_rate", "l2_layers", "dropout_layers", "seeds")
+        tuples = ("l2", "dropout", "learning_rate", "weight_decay", "l2_layers",
+                  "dropout_layers", "seeds")
+        d = {"weight_decay": (0.0,), **d}  # runs from before weight decay
         return cls(**{**d, **{k: tuple(d[k]) for k in tuples},
                       "train": TrainConfig.from_dict(d["train"])})
 
@@ -146,12 +155,15 @@ def _show(values: Sequence[float]) -> str:
 # --- the configurations ------------------------------------------------------------------------
 
 def point(config: SweepConfig, l2: float, dropout: float, learning_rate: float,
-          name: str | None = None) -> Variant:
-    """One configuration on the sweep's layers, named by its values unless `name` is given."""
-    name = name or f"l2={l2:.3g} dropout={dropout:.3g} lr={learning_rate:.3g}"
+          weight_decay: float | None = None, name: str | None = None) -> Variant:
+    """One configuration on the sweep's layers, named by its values unless `name` is given
+    (its weight decay, the sweep's only one unless given, named where it is not 0)."""
+    weight_decay = config.weight_decay[0] if weight_decay is None else weight_decay
+    name = name or (f"l2={l2:.3g} dropout={dropout:.3g} lr={learning_rate:.3g}"
+                    + (f" wd={weight_decay:.3g}" if weight_decay else ""))
     return Variant(name, l2=float(l2), l2_layers=config.l2_layers, dropout=float(dropout),
                    dropout_layers=config.dropout_layers, learning_rate=float(learning_rate),
-                   ).at_depth(config.train.hidden)
+                   weight_decay=float(weight_decay)).at_depth(config.train.hidden)
 
 
 def effective(variant: Variant, config: SweepConfig) -> tuple:
@@ -160,7 +172,7 @@ def effective(variant: Variant, config: SweepConfig) -> tuple:
     hidden = config.train.hidden
     return (tuple(variant.l2_vector(hidden).tolist()),
             tuple(variant.dropout_vector(hidden).tolist()),
-            variant.learning_rate_or(config.train.learning_rate))
+            variant.learning_rate_or(config.train.learning_rate), variant.weight_decay)
 
 
 def originals(config: SweepConfig) -> list[Variant]:
@@ -172,9 +184,10 @@ def originals(config: SweepConfig) -> list[Variant]:
 
 
 def grid(config: SweepConfig) -> list[Variant]:
-    """Every combination of the values, each learning rate's block in L2-major order."""
-    return [point(config, l2, dropout, lr) for lr in config.learning_rate
-            for l2 in config.l2 for dropout in config.dropout]
+    """Every combination of the values, each (learning rate, weight decay) block in L2-major
+    order."""
+    return [point(config, l2, dropout, lr, wd) for lr in config.learning_rate
+            for wd in config.weight_decay for l2 in config.l2 for dropout in config.dropout]
 
 
 def random_points(config: SweepConfig) -> list[Variant]:
@@ -501,20 +514,23 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
                  for name, c in confs.items()}
     made = {}
     if config.search == "grid":
-        for k, lr in enumerate(config.learning_rate):
-            cells = [[by_effect.get(effective(point(config, l2, d, lr), config))
+        blocks = [(lr, wd) for lr in config.learning_rate for wd in config.weight_decay]
+        for k, (lr, wd) in enumerate(blocks):
+            cells = [[by_effect.get(effective(point(config, l2, d, lr, wd), config))
                       for d in config.dropout] for l2 in config.l2]
             values = np.array([[_mean_val(metrics, n) if n else np.nan for n in row]
                                for row in cells])
             where = {n: (i, j) for i, row in enumerate(cells) for j, n in enumerate(row) if n}
             marks = {n: ij for n, ij in where.items() if n in VARIANTS}
             off = [n for n in VARIANTS if n in confs and n not in marks
-                   and confs[n]["variant"]["learning_rate"] == lr]
+                   and confs[n]["variant"]["learning_rate"] == lr and not wd]
             note = "\noff the grid: " + ", ".join(
                 f"{n} {_mean_val(metrics, n):.2%}" for n in off) if off else ""
             made[f"sweep_heatmap_{k}"] = ("sweep_heatmap", (config.l2, config.dropout, values), {
                 "n_seeds": n_seeds, "chosen": where.get(chosen), "marks": marks,
-                "title": f"learning rate {lr:g}{note}"})
+                "title": f"learning rate {lr:g}"
+                         + (f", weight decay {wd:g}" if any(config.weight_decay) else "")
+                         + note})
     else:
         names = [n for n in confs if n not in VARIANTS]
         v = [confs[n]["variant"] for n in names]
@@ -543,7 +559,8 @@ def table_csv(metrics: Mapping[str, Any]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate", "n",
+    w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate",
+                "weight_decay", "n",
                 "val_accuracy_mean", "val_accuracy_sd", "test_accuracy_mean",
                 "test_accuracy_sd", "diverged", "chosen"])
     on = metrics["selection"]["on"]
@@ -551,7 +568,8 @@ def table_csv(metrics: Mapping[str, Any]) -> str:
         v, s = c["variant"], c["stats"]
         val, test = s.get(on, {}), s.get("test_accuracy", {})
         w.writerow([name, v["l2"], "+".join(v["l2_layers"]), v["dropout"],
-                    "+".join(v["dropout_layers"]), v["learning_rate"], len(c["runs"]),
+                    "+".join(v["dropout_layers"]), v["learning_rate"],
+                    v.get("weight_decay", 0.0), len(c["runs"]),
                     val.get("mean", ""), val.get("std") or "", test.get("mean", ""),
                     test.get("std") or "", bool(c["diverged"]),
                     name == metrics["selection"]["configuration"]])
@@ -629,4 +647,5 @@ def _hparams(variant: Mapping[str, Any]) -> dict[str, Any]:
     return {"l2": variant["l2"], "l2_layers": "+".join(variant["l2_layers"]) or "none",
             "dropout": variant["dropout"],
             "dropout_layers": "+".join(variant["dropout_layers"]) or "none",
-            "learning_rate": variant["learning_rate"]}
+            "learning_rate": variant["learning_rate"],
+            "weight_decay": variant.get("weight_decay", 0.0)}

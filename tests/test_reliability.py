@@ -430,6 +430,27 @@ BAD_SETTINGS = [
     ("sweep", ("--model-parallel", "x"), "--model-parallel 'x' must be an integer or 'all'"),
     ("sweep", ("--model-parallel", "5"), "--model-parallel 5: this run sees 4 device(s)"),
     ("sweep", ("--model-parallel", "0"), "--model-parallel 0: this run sees 4 device(s)"),
+    ("experiment", ("--hidden", "a"), "--hidden 'a' must be widths separated by commas"),
+    ("experiment", ("--hidden", "256,0"), "--hidden 256,0 must be 1 to 8 widths, each an "
+                                          "integer from 1 to 8192"),
+    ("experiment", ("--hidden", "9000"), "--hidden 9000 must be 1 to 8 widths"),
+    ("experiment", ("--hidden", ",".join(["8"] * 9)), "--hidden 8,8,8,8,8,8,8,8,8 must be 1 "
+                                                      "to 8 widths"),
+    ("experiment", ("--weight-decay", "x"), "--weight-decay 'x' must be a finite number >= 0"),
+    ("experiment", ("--weight-decay", "-0.5"), "--weight-decay -0.5 must be a finite number "
+                                               ">= 0 (each step removes"),
+    ("experiment", ("--weight-decay", "0.01", "--lr", "0"),
+     "--weight-decay 0.01 changes nothing with --lr 0"),
+    ("experiment", ("--weight-decay-on", "biases"),
+     "--weight-decay-on 'biases' must be one of 'all', 'kernels'"),
+    ("sweep", ("--weight-decay", "0,x"),
+     "--weight-decay '0,x' must be numbers separated by commas"),
+    ("sweep", ("--weight-decay", "0,-1"), "--weight-decay -1.0 must be a finite number >= 0"),
+    ("sweep", ("--weight-decay", ","), "--weight-decay is empty; give at least one value"),
+    ("sweep", ("--weight-decay", "0,0"), "--weight-decay 0,0 lists a value twice"),
+    ("sweep", ("--search", "random", "--weight-decay", "0,1e-3"),
+     "--weight-decay 0,0.001: --search random takes one weight decay; sweep it with --search "
+     "grid"),
     ("sweep", ("--l2", "0,x"), "--l2 '0,x' must be numbers separated by commas"),
     ("sweep", ("--dropout", "0,x"), "--dropout '0,x' must be numbers separated by commas"),
     ("sweep", ("--lr", "x"), "--lr 'x' must be numbers separated by commas"),
@@ -508,8 +529,9 @@ UNREACHABLE = [
     ("config", "Variant.with_values", "has no dropout", "as for --l2"),
     ("config", "resolve_layers", "the model's layers are",
      "SweepConfig.validate catches it and names --l2-layers or --dropout-layers itself"),
-    ("config", "Variant.validate", "{field} names {e}", "no flag sets the hidden sizes, and "
-     "SweepConfig.validate checks --l2-layers and --dropout-layers first"),
+    ("config", "Variant.validate", "{field} names {e}", "the built-in variants name layer "
+     "groups every depth has, and SweepConfig.validate checks --l2-layers and "
+     "--dropout-layers first"),
     ("config", "Variant.validate", "(variant {self.name!r}) must be a finite",
      "built-in variants have no learning rate; SweepConfig.validate checks --lr first"),
     ("config", "TrainConfig.validate", "must be one of {', '.join(choices)}",
@@ -519,7 +541,6 @@ UNREACHABLE = [
      "argparse's choices"),
     ("config", "TrainConfig.validate", "Adam {flag}", "b1 and b2 are no flags"),
     ("config", "TrainConfig.validate", "Adam eps", "eps is no flag"),
-    ("config", "TrainConfig.validate", "hidden sizes", "the hidden sizes are no flag"),
     ("config", "check_seeds", "must be distinct", "parse_seeds refuses the same seeds first"),
     ("rundir", "exclusive", "is in use by another run",
      "no bad value: a second live process; the lock tests above hold it"),
@@ -692,6 +713,9 @@ NO_BAD_VALUE = {("train", "--out"), ("train", "--resume"), ("train", "--data-dir
                 ("train", "--data-parallel"), ("train", "--placement"), ("train", "--dropout-rng"),
                 ("train", "--checkpoint-every"), ("train", "--dtype"),
                 ("train", "--matmul-precision"), ("sweep", "--dtype"),
+                ("train", "--hidden"), ("train", "--weight-decay"),
+                ("train", "--weight-decay-on"), ("sweep", "--hidden"),
+                ("sweep", "--weight-decay-on"),
                 ("sweep", "--matmul-precision"),
                 *(("sweep", flag) for flag in (
                     "--epochs", "--batch-size", "--validation-split", "--optimizer", "--loss",
