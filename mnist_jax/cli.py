@@ -54,10 +54,10 @@ def _training(parser: argparse.ArgumentParser, *, several: bool) -> None:
     _fit_flags(g)
     g.add_argument("--l2", type=_number(float, "--l2", "a finite number >= 0"),
                    help="L2 coefficient (default 0.001) of the variants with a penalty: l2 "
-                        "penalises hidden_1's kernel, l2_dropout both hidden kernels")
+                        "penalises the first hidden kernel, l2_dropout every hidden kernel")
     g.add_argument("--dropout", type=_number(float, "--dropout", "a number in [0, 1)"),
                    help="dropout rate (default 0.45) of the variants with dropout (dropout, "
-                        "l2_dropout: after both hidden layers)")
+                        "l2_dropout: after every hidden layer)")
     g.add_argument("--lr", type=_number(float, "--lr", "a finite number >= 0"),
                    help="Adam learning rate (default 0.001)")
     g.add_argument("--weight-decay", type=_number(float, "--weight-decay",
@@ -98,7 +98,7 @@ def _fit_flags(g) -> None:
                    type=_number(float, "--validation-split", "a number in [0, 1)"),
                    help="last fraction of the training set held out (default "
                         f"{_default('validation_split')})")
-    g.add_argument("--hidden", default=None, metavar="W,W,...",
+    g.add_argument("--hidden", default=None, metavar="W,W,...", action="append",
                    help=f"hidden layer widths (default "
                         f"{','.join(map(str, _default('hidden')))}): 1 to {MAX_DEPTH} layers "
                         f"of 1 to {MAX_WIDTH} units; the variants' L2 and dropout follow the "
@@ -155,10 +155,11 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
                                           "(random and tpe: one value)")
     g.add_argument("--lr", help="Adam learning rates (default 0.001); random and tpe: a "
                                 "range low,high (log-uniform) or one value")
-    g.add_argument("--l2-layers", help="kernels the L2 penalty applies to (default "
-                                       "hidden_1,hidden_2; output names the last)")
-    g.add_argument("--dropout-layers", help="hidden layers followed by dropout (default "
-                                            "hidden_1,hidden_2)")
+    g.add_argument("--l2-layers", help="kernels the L2 penalty applies to, by name (hidden_1, "
+                                       "..., output) or hidden: every hidden kernel (the "
+                                       "default) or all")
+    g.add_argument("--dropout-layers", help="hidden layers followed by dropout, by name or "
+                                            "hidden: every one (the default)")
     g.add_argument("--samples", type=_number(int, "--samples", "an integer >= 1"),
                    help="configurations drawn by random and tpe (default 16)")
     g.add_argument("--search-seed", type=_number(int, "--search-seed", "an integer >= 0"),
@@ -186,6 +187,15 @@ class _Parser(argparse.ArgumentParser):
         message = re.sub(r"^argument ([^:/]+)[^:]*: invalid choice: (.+) \(choose from (.+)\)$",
                          r"\1 \2 must be one of \3", message)
         self.exit(EXIT_ERROR, f"mnist-jax: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_architecture(given: list[str]) -> tuple[int, ...]:
+    """--hidden's widths; given twice (a sweep over architectures), refused for now rather
+    than silently keeping the last."""
+    if len(given) > 1:
+        raise ConfigError(f"--hidden given {len(given)} times ({' '.join(given)}): a run trains "
+                          "one architecture; run one per architecture for now")
+    return parse_hidden(given[0])
 
 
 def _number(kind: type, flag: str, rule: str):
@@ -279,7 +289,7 @@ def _train_given(args) -> dict:
              "placement": args.placement, "dropout_rng": args.dropout_rng,
              "optimizer": args.optimizer, "loss": args.loss, "dtype": args.dtype,
              "matmul_precision": args.matmul_precision,
-             "hidden": None if args.hidden is None else parse_hidden(args.hidden),
+             "hidden": None if args.hidden is None else _one_architecture(args.hidden),
              "weight_decay_on": args.weight_decay_on}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -8,8 +8,8 @@ into the step size and adds eps to the *uncorrected* sqrt(v):
     w -= alpha * m / (sqrt(v) + eps)
 
 optax's `scale_by_adam` adds eps to the bias-corrected sqrt(v_hat), so Keras's effective eps is
-eps / sqrt(1 - b2**t): 3.2e-6 at step 1, 1e-6 at step 10, 2e-7 after an epoch of 329 steps.
-Step for step the two differ by 1e-4 in the loss from the second step on (docs/fidelity.md).
+eps / sqrt(1 - b2**t), larger the earlier the step; how far apart that sets the two is measured
+in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ class ScaleByKerasAdamState(NamedTuple):
 
 
 def _keras_moments(updates, state: ScaleByKerasAdamState, b1: float, b2: float):
-    """Keras's moment updates, m + (g - m)(1 - b1) (not optax's b1 m + (1 - b1) g), and its
-    bias correction sqrt(1 - b2**t) / (1 - b1**t), in float32 from the step count as Keras."""
+    """Keras's moment updates, m + (g - m)(1 - b1) (not optax's b1 m + (1 - b1) g), and the
+    two halves of its bias correction, sqrt(1 - b2**t) and 1 - b1**t, in float32 from the
+    step count as Keras computes them."""
     mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, updates)
     nu = jax.tree.map(lambda v, g: v + (jnp.square(g) - v) * (1 - b2), state.nu, updates)
     count = numerics.safe_increment(state.count)
     t = count.astype(jnp.float32)
-    correction = (jnp.sqrt(1 - jnp.power(jnp.float32(b2), t))
-                  / (1 - jnp.power(jnp.float32(b1), t)))
-    return ScaleByKerasAdamState(count=count, mu=mu, nu=nu), correction
+    root = jnp.sqrt(1 - jnp.power(jnp.float32(b2), t))
+    return ScaleByKerasAdamState(count=count, mu=mu, nu=nu), root, 1 - jnp.power(jnp.float32(b1), t)
 
 
 def _init_moments(params) -> ScaleByKerasAdamState:
@@ -58,7 +58,8 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
 
     def update_fn(updates, state, params=None):
         del params
-        state, alpha = _keras_moments(updates, state, b1, b2)
+        state, root, denominator = _keras_moments(updates, state, b1, b2)
+        alpha = root / denominator
         updates = jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + eps), state.mu, state.nu)
         return updates, state
 
@@ -80,7 +81,8 @@ def keras_adamw(learning_rate: jax.Array, b1: float = 0.9, b2: float = 0.999,
                 ) -> optax.GradientTransformation:
     """Keras's AdamW (and Adam with `weight_decay=`), in Keras's order and rounding: each
     masked variable first loses `w * weight_decay * learning_rate`, then takes the Adam step
-    `alpha * m / (sqrt(v) + eps)` with `alpha = learning_rate * correction`.
+    `m * alpha / (sqrt(v) + eps)` with `alpha = learning_rate * sqrt(1 - b2**t) / (1 - b1**t)`,
+    grouped as Keras groups it.
 
     optax's composition (`add_decayed_weights` between the Adam scaling and the learning rate,
     as `optax.adamw`) is the same sum rounded in another order, and replayed against Keras's
@@ -91,10 +93,10 @@ def keras_adamw(learning_rate: jax.Array, b1: float = 0.9, b2: float = 0.999,
     """
 
     def update_fn(updates, state, params):
-        state, correction = _keras_moments(updates, state, b1, b2)
+        state, root, denominator = _keras_moments(updates, state, b1, b2)
         lr = jnp.asarray(learning_rate, jnp.float32)
         wd = jnp.asarray(weight_decay, jnp.float32)
-        alpha = lr * correction
+        alpha = lr * root / denominator
         decayed = jax.tree.map(lambda _: True, params) if mask is None else mask(params)
 
         def step(w, m, v, decay):
@@ -107,7 +109,7 @@ def keras_adamw(learning_rate: jax.Array, b1: float = 0.9, b2: float = 0.999,
 
 
 def kernels_only(params):
-    """The mask of `add_decayed_weights` that decays kernels and leaves biases."""
+    """The decay mask (of `keras_adamw` and `optax.adamw`) that decays kernels only."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
@@ -127,7 +129,6 @@ DECAYED = {
 assert set(TRANSFORMS) == set(DECAYED) == set(OPTIMIZERS), "each optimizer has its transforms"
 
 
-@functools.cache
 def optimizer(name: str = "keras-adam", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
               decay_on: str | None = None) -> optax.GradientTransformation:
     """Adam with its learning rate (and weight decay) in the state (optax.inject_hyperparams),
@@ -135,11 +136,17 @@ def optimizer(name: str = "keras-adam", b1: float = 0.9, b2: float = 0.999, eps:
 
     'keras-adam' (the default: the study is Keras's) is Adam as Keras computes it, eps added
     to the uncorrected sqrt(v) (`optim.keras_adam`); 'adam' is `optax.adam`, eps added to the
-    bias-corrected sqrt(v_hat). They differ by 1e-4 in the loss from the second step on.
+    bias-corrected sqrt(v_hat) (docs/fidelity.md compares them).
     With `decay_on` ('all' or 'kernels', MASKS) the Adam decouples weight decay (`keras_adamw`,
     `optax.adamw`), its value a hyperparameter like the learning rate; without, the chain has
     no decay at all, so a run without decay is the same program and state as before.
     """
+    return _optimizer(name, b1, b2, eps, decay_on)  # positional: one cache entry per setting
+
+
+@functools.cache
+def _optimizer(name: str, b1: float, b2: float, eps: float, decay_on: str | None,
+               ) -> optax.GradientTransformation:
     if name not in TRANSFORMS:
         raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     if decay_on is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_jax import files
-from mnist_jax.config import DROPOUT, L2, TrainConfig, resolve_layers
+from mnist_jax.config import DROPOUT, L2, WEIGHT_DECAY_ON, TrainConfig, resolve_layers
 from mnist_jax.fit import HISTORY_KEYS
 
 CSV_COLUMNS = ("epoch", *HISTORY_KEYS)
@@ -306,8 +306,12 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"- Data: MNIST from `{data['source']}`, SHA-256 verified; {data['train']:,} training, "
         f"{data['validation']:,} validation (the last {train['validation_split']:.0%}), "
         f"{data['test']:,} test images.",
+        f"- Model: MLP {'-'.join(map(str, (784, *train['hidden'], 10)))}, ReLU.",
         f"- Training: {OPTIMIZER_NAMES[train['optimizer']]}; batch {train['batch_size']}; "
-        f"{LOSS_NAMES[train['loss']]}.",
+        f"{LOSS_NAMES[train['loss']]}"
+        + (f"; decoupled weight decay (Keras's AdamW) on "
+           f"{WEIGHT_DECAY_ON[train.get('weight_decay_on', 'all')]}"
+           if any(cfg.get("weight_decay", ())) else "") + ".",
         _software(env),
         "- Files: `metrics.json` (every configuration's histories and statistics, the choice "
         "and why), `sweep.csv` (one row per configuration), `figures/`.",

@@ -160,10 +160,15 @@ def model_for(config: TrainConfig, dropout: bool) -> MLP:
 
 
 def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainConfig,
-               ) -> tuple[MLP, TrainState, RunKeys]:
-    """The model, a fresh (S, V) stack of states, and the per-seed keys."""
+               decay: bool | None = None) -> tuple[MLP, TrainState, RunKeys]:
+    """The model, a fresh (S, V) stack of states, and the per-seed keys. `decay`: whether the
+    optimizer decays weights (default: if any variant does); a run whose stacks differ in
+    which points they hold (a sweep's chunks) decides it once, so that a model's numbers
+    never depend on its neighbours (optim.keras_adamw with decay 0 rounds otherwise)."""
     for variant in variants:
         variant.validate(config.hidden)
+    if decay is False and any(v.weight_decay > 0 for v in variants):
+        raise ValueError("decay=False with a variant whose weight_decay > 0 would not decay it")
     model = model_for(config, dropout=any(v.dropout > 0 for v in variants))
     state, keys = programs.init_program()(
         tuple(jax.random.key(seed) for seed in seeds),
@@ -171,13 +176,14 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         np.array([v.l2_vector(config.hidden) for v in variants], np.float32),
         np.array([v.dropout_vector(config.hidden) for v in variants], np.float32),
         np.array([v.weight_decay for v in variants], np.float32),
-        model=model, tx=optim.for_config(config, decay=any(v.weight_decay > 0 for v in variants)))
+        model=model, tx=optim.for_config(config, decay=any(v.weight_decay > 0 for v in variants)
+                                         if decay is None else decay))
     return model, state, keys
 
 
 def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainConfig,
-              n_train: int = 60000) -> Stack:
-    """A validated, freshly initialised stack, ready for `fit`."""
+              n_train: int = 60000, *, decay: bool | None = None) -> Stack:
+    """A validated, freshly initialised stack, ready for `fit` (`decay`: see init_stack)."""
     config.validate(n_train)
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -189,7 +195,7 @@ def new_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainCo
                           f"--model-parallel {config.model_parallel} devices; make the count a "
                           "multiple of it")
     t0 = time.perf_counter()
-    model, state, keys = init_stack(variants, seeds, config)
+    model, state, keys = init_stack(variants, seeds, config, decay)
     jax.block_until_ready(state)
     histories = {v.name: [{} for _ in seeds] for v in variants}
     return Stack(model, config, tuple(variants), tuple(seeds), state, keys, histories,

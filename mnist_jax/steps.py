@@ -136,6 +136,9 @@ def create_train_state(init_key: jax.Array, model: MLP, tx: optax.GradientTransf
     opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     if "weight_decay" in opt_state.hyperparams:
         opt_state.hyperparams["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
+    elif isinstance(weight_decay, int | float) and weight_decay:  # a traced value is checked
+        raise ValueError(f"weight_decay={weight_decay:g} needs an optimizer that decays: "
+                         "optim.optimizer(..., decay_on='all' or 'kernels')")  # by init_stack
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       hparams=hparams)
 

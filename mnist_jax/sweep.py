@@ -87,6 +87,13 @@ class SweepConfig:
             if not known:
                 raise ConfigError(f"{flag} {','.join(layers) or '(none)'}: name one or more of "
                                   f"{','.join(names)}, or hidden (every hidden layer)")
+        if self.search != "grid" and len(self.weight_decay) > 1:
+            raise ConfigError(f"--weight-decay {_show(self.weight_decay)}: --search "
+                              f"{self.search} takes one weight decay; sweep it with --search "
+                              "grid")
+        if self.train.weight_decay_on != "all" and not any(self.weight_decay):
+            raise ConfigError(f"--weight-decay-on {self.train.weight_decay_on} changes nothing "
+                              "without a --weight-decay above 0; give one or leave it out")
         for flag, values in (("--l2", self.l2), ("--dropout", self.dropout),
                              ("--lr", self.learning_rate), ("--weight-decay", self.weight_decay)):
             if not values:
@@ -102,10 +109,6 @@ class SweepConfig:
             check_regularisation(0.0, rate)
         for decay in self.weight_decay:
             check_regularisation(0.0, 0.0, weight_decay=decay)
-        if self.search != "grid" and len(self.weight_decay) > 1:
-            raise ConfigError(f"--weight-decay {_show(self.weight_decay)}: --search "
-                              f"{self.search} takes one weight decay; sweep it with --search "
-                              "grid")
         for lr in self.learning_rate:
             if not (math.isfinite(lr) and lr > 0):
                 raise ConfigError(f"--lr {lr!r} must be a finite number > 0")
@@ -442,7 +445,8 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
 
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
-                          len(splits.train_images) + len(splits.val_images))
+                          len(splits.train_images) + len(splits.val_images),
+                          decay=any(config.weight_decay))  # every chunk alike
     mgr = checkpoint.manager(directory)
     try:
         if resume and checkpoint.restore(mgr, stack) is not None:
@@ -559,20 +563,18 @@ def table_csv(metrics: Mapping[str, Any]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate",
-                "weight_decay", "n",
+    w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate", "n",
                 "val_accuracy_mean", "val_accuracy_sd", "test_accuracy_mean",
-                "test_accuracy_sd", "diverged", "chosen"])
+                "test_accuracy_sd", "diverged", "chosen", "weight_decay"])
     on = metrics["selection"]["on"]
     for name, c in metrics["configurations"].items():
         v, s = c["variant"], c["stats"]
         val, test = s.get(on, {}), s.get("test_accuracy", {})
         w.writerow([name, v["l2"], "+".join(v["l2_layers"]), v["dropout"],
-                    "+".join(v["dropout_layers"]), v["learning_rate"],
-                    v.get("weight_decay", 0.0), len(c["runs"]),
+                    "+".join(v["dropout_layers"]), v["learning_rate"], len(c["runs"]),
                     val.get("mean", ""), val.get("std") or "", test.get("mean", ""),
                     test.get("std") or "", bool(c["diverged"]),
-                    name == metrics["selection"]["configuration"]])
+                    name == metrics["selection"]["configuration"], v.get("weight_decay", 0.0)])
     return buf.getvalue()
 
 

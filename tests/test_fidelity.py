@@ -166,8 +166,7 @@ def test_weight_decay_follows_keras_adamw_step_for_step(adamw_recording, fit_spl
     """Keras 3's own AdamW (and Adam(weight_decay=)) from our initial weights on recorded
     batches: every step's loss within 1e-5 relative over 100 steps and the weights after them
     within float noise. Catches a decay not scaled by the learning rate, a decay applied to
-    what Keras leaves out, the decay coupled into the gradient as L2 is, and optax's order of
-    the same sum (test below)."""
+    what Keras leaves out, and the decay coupled into the gradient as L2 is (test below)."""
     losses, weights = decay_replay(adamw_recording, fit_split, run)
     n = AGREED.get(run, WINDOW)
     np.testing.assert_allclose(losses[:n], adamw_recording[f"{run}/losses"][:n], rtol=1e-5,
@@ -183,9 +182,9 @@ def _worst(losses, recorded):
 
 
 def test_the_decay_replay_tells_the_likely_bugs_apart(adamw_recording, fit_split):
-    """The replay above sees each bug a decay is likely to have, and optax's own composition
-    (`optax.adamw`'s order with Keras's Adam), which Keras's rounding parts from: each wrong
-    optimizer is more than 1e-5 from Keras within the steps compared."""
+    """The replay above sees each bug a decay is likely to have: each wrong optimizer is more
+    than 1e-5 from Keras within 100 steps. (optax's order of the right sum parts from Keras
+    too on a Zen 3, docs/fidelity.md, but that is rounding, which another CPU may not show.)"""
     import optax
 
     from mnist_jax.optim import kernels_only, scale_by_keras_adam
@@ -202,16 +201,10 @@ def test_the_decay_replay_tells_the_likely_bugs_apart(adamw_recording, fit_split
         return optax.inject_hyperparams(transform, static_args=("mask",))(
             learning_rate=1e-3, weight_decay=0.0, mask=mask)
 
-    def optax_order(learning_rate, weight_decay, mask):
-        return optax.chain(scale_by_keras_adam(), optax.add_decayed_weights(weight_decay, mask),
-                           optax.scale_by_learning_rate(learning_rate))
-
-    wrong = {
-        "adamw_0.004_all": inject(coupled, None),
-        "adamw_0.1_kernels": inject(unscaled, kernels_only),
-        "adamw_0.1_kernels ": optim.optimizer("keras-adam", decay_on="all"),  # biases too
-        "adamw_0.004_kernels": inject(optax_order, kernels_only),
-    }
-    for run, tx in wrong.items():
-        losses, _ = decay_replay(adamw_recording, fit_split, run.strip(), tx=tx)
-        assert _worst(losses, adamw_recording[f"{run.strip()}/losses"]) > 1e-5, run
+    wrong = [("coupled into the gradient", "adamw_0.004_all", inject(coupled, None)),
+             ("not scaled by lr", "adamw_0.1_kernels", inject(unscaled, kernels_only)),
+             ("biases decayed too", "adamw_0.1_kernels",
+              optim.optimizer("keras-adam", decay_on="all"))]
+    for bug, run, tx in wrong:
+        losses, _ = decay_replay(adamw_recording, fit_split, run, tx=tx)
+        assert _worst(losses, adamw_recording[f"{run}/losses"]) > 1e-5, bug

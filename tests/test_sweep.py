@@ -258,6 +258,23 @@ def test_sweep_settings_are_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_sweep_with_weight_decay_gives_every_point_the_same_numbers_in_any_chunk(small,
+                                                                                 tmp_path):
+    """A decay axis: whether a chunk's optimizer decays is the sweep's decision, not its
+    points', so a point without decay (here the originals) gets the same bits whichever
+    points share its chunk (one chunk of 6 or chunks of 1, some with no decayed point)."""
+    results = []
+    for chunk in (0, 1):
+        config = sweep.SweepConfig(l2=(0.0,), dropout=(0.0,), weight_decay=(0.0, 0.1),
+                                   chunk=chunk, train=TrainConfig(epochs=1))
+        results.append(sweep.run_sweep(config, small, tmp_path / str(chunk), progress=False,
+                                       echo=lambda _: None))
+    assert list(results[0]) == ["baseline", "l2", "dropout", "l2_dropout",
+                                "l2=0 dropout=0 lr=0.001 wd=0.1"]
+    for name in results[0]:
+        assert results[0][name]["runs"] == results[1][name]["runs"], name
+
+
 def test_auto_chunk_fits_memory_and_the_device_split():
     config = sweep.SweepConfig(seeds=(0, 1, 2), train=TrainConfig(model_parallel=4))
     size = sweep.auto_chunk(config, 1000)

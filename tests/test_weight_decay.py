@@ -1,5 +1,5 @@
-"""Decoupled weight decay in a stack: each model decays by its own traced value, a model
-without decay trains exactly as it would alone, and the decay shrinks what
+"""Decoupled weight decay in a stack: each model decays by its own traced value, a run
+decides once whether its optimizer decays, and the decay shrinks what
 TrainConfig.weight_decay_on names. Keras's own numbers are replayed in test_fidelity.py."""
 
 import dataclasses
@@ -65,18 +65,28 @@ def test_each_model_decays_by_its_own_value(small, placement):
 
 def test_a_stack_without_decay_has_no_decay_in_its_optimizer(small):
     """Old runs' checkpoints and the study's programs stay as they were: no weight_decay
-    hyperparameter unless some model decays."""
-    stack = fit.new_stack([VARIANTS["baseline"], VARIANTS["dropout"]], (0,), CONFIG)
+    hyperparameter unless some model decays, or the run says its stacks decay (a sweep's
+    chunk of only undecayed points in a sweep with decay: every chunk alike)."""
+    plain = [VARIANTS["baseline"], VARIANTS["dropout"]]
+    stack = fit.new_stack(plain, (0,), CONFIG)
     assert not optim.decays(stack.state.opt_state)
     assert set(stack.state.opt_state.hyperparams) == {"learning_rate"}
+    assert optim.decays(fit.new_stack(plain, (0,), CONFIG, decay=True).state.opt_state)
+    with pytest.raises(ValueError, match="would not decay it"):
+        fit.new_stack([plain[0].with_values(weight_decay=0.1)], (0,), CONFIG, decay=False)
+    with pytest.raises(ValueError, match="needs an optimizer that decays"):
+        steps.create_train_state(jax.random.key(0), MLP(), optim.optimizer(),
+                                 steps.Hyperparams(jnp.zeros(3), jnp.zeros(2)),
+                                 weight_decay=0.1)
 
 
 @pytest.mark.parametrize("on", ["all", "kernels"])
-def test_with_no_gradient_a_step_is_the_decay_alone(on):
-    """With zero gradients Keras's Adam step is 0 / (0 + eps) = 0, so the step is the decay
+@pytest.mark.parametrize("name", ["keras-adam", "adam"])
+def test_with_no_gradient_a_step_is_the_decay_alone(name, on):
+    """With zero gradients either Adam's step is 0 / (0 + eps) = 0, so the step is the decay
     by hand: w * (1 - wd * lr) where decayed (every variable, or the kernels), w elsewhere."""
     lr, wd = 0.01, 0.3
-    tx = optim.optimizer("keras-adam", decay_on=on)
+    tx = optim.optimizer(name, decay_on=on)
     hparams = steps.Hyperparams(jnp.zeros(3), jnp.zeros(2))
     state = steps.create_train_state(jax.random.key(0), MLP(), tx, hparams, learning_rate=lr,
                                      weight_decay=wd)
