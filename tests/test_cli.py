@@ -38,9 +38,11 @@ HELP = {  # what each command's help must tell a newcomer
     "data": ["--source", "--verify", "SHA-256"],
     "eda": ["figures/label_distribution.png", "--seed"],
     "train": ["--variant", "baseline, l2, dropout or l2_dropout", "--resume DIR",
-              "l2 penalises hidden_1's kernel, l2_dropout both", "--optimizer", "--loss"],
+              "l2 penalises the first hidden kernel, l2_dropout every", "--optimizer", "--loss",
+              "--hidden W,W,...", "1 to 8 layers of 1 to 8192 units", "--weight-decay"],
     "experiment": ["--variants", "--seeds", "0-4", "--placement", "--data-parallel",
-                   "l2 penalises hidden_1's kernel", "after both hidden layers"],
+                   "l2 penalises the first hidden kernel", "after every hidden layer",
+                   "--weight-decay-on {all,kernels}"],
 }
 
 
