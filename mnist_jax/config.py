@@ -185,6 +185,14 @@ def check_regularisation(l2: float, dropout: float, where: str = "",
                           "(each step removes weight_decay * learning_rate of every weight)")
 
 
+def check_decay_used(weight_decay_on: str, decays: bool) -> None:
+    """A --weight-decay-on other than the default, in a run that never decays, changes
+    nothing: an error, for experiments and sweeps alike."""
+    if weight_decay_on != "all" and not decays:
+        raise ConfigError(f"--weight-decay-on {weight_decay_on} changes nothing without a "
+                          "--weight-decay above 0; give one or leave it out")
+
+
 L2 = 0.001
 DROPOUT = 0.45
 VARIANTS: Mapping[str, Variant] = types.MappingProxyType({

@@ -22,6 +22,7 @@ from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
     Variant,
+    check_decay_used,
     check_regularisation,
     check_seeds,
     select_variants,
@@ -62,9 +63,7 @@ class ExperimentConfig:
             raise ConfigError(f"--weight-decay {self.weight_decay:g} changes nothing with --lr 0 "
                               "(each step removes weight_decay * learning_rate of a weight); "
                               "give a learning rate > 0 or leave --weight-decay out")
-        if self.train.weight_decay_on != "all" and not self.weight_decay:
-            raise ConfigError(f"--weight-decay-on {self.train.weight_decay_on} changes nothing "
-                              "without a --weight-decay above 0; give one or leave it out")
+        check_decay_used(self.train.weight_decay_on, self.weight_decay > 0)
         check_seeds(self.seeds)
 
     def to_dict(self) -> dict[str, Any]:

@@ -167,7 +167,10 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
     never depend on its neighbours (optim.keras_adamw with decay 0 rounds otherwise)."""
     for variant in variants:
         variant.validate(config.hidden)
-    if decay is False and any(v.weight_decay > 0 for v in variants):
+    decaying = any(v.weight_decay > 0 for v in variants)
+    if decay is None:
+        decay = decaying
+    elif decaying and not decay:
         raise ValueError("decay=False with a variant whose weight_decay > 0 would not decay it")
     model = model_for(config, dropout=any(v.dropout > 0 for v in variants))
     state, keys = programs.init_program()(
@@ -176,8 +179,7 @@ def init_stack(variants: Sequence[Variant], seeds: Sequence[int], config: TrainC
         np.array([v.l2_vector(config.hidden) for v in variants], np.float32),
         np.array([v.dropout_vector(config.hidden) for v in variants], np.float32),
         np.array([v.weight_decay for v in variants], np.float32),
-        model=model, tx=optim.for_config(config, decay=any(v.weight_decay > 0 for v in variants)
-                                         if decay is None else decay))
+        model=model, tx=optim.for_config(config, decay=decay))
     return model, state, keys
 
 

@@ -32,6 +32,7 @@ from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
     Variant,
+    check_decay_used,
     check_regularisation,
     check_seeds,
     dense_names,
@@ -91,9 +92,7 @@ class SweepConfig:
             raise ConfigError(f"--weight-decay {_show(self.weight_decay)}: --search "
                               f"{self.search} takes one weight decay; sweep it with --search "
                               "grid")
-        if self.train.weight_decay_on != "all" and not any(self.weight_decay):
-            raise ConfigError(f"--weight-decay-on {self.train.weight_decay_on} changes nothing "
-                              "without a --weight-decay above 0; give one or leave it out")
+        check_decay_used(self.train.weight_decay_on, any(self.weight_decay))
         for flag, values in (("--l2", self.l2), ("--dropout", self.dropout),
                              ("--lr", self.learning_rate), ("--weight-decay", self.weight_decay)):
             if not values:
