@@ -153,7 +153,8 @@ def select(results: Sequence[VariantResult]) -> Selection:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """a - b in `metric` over paired seeds: the mean difference and its 95% t-interval (None
-    for one seed); `significant` when the interval excludes 0."""
+    for one seed); `significant` when the interval excludes 0; `p` the paired t-test's, and
+    `p_holm` that p adjusted over the family of comparisons reported with it (`holm`)."""
 
     a: str
     b: str
@@ -163,9 +164,22 @@ class Comparison:
     ci95_low: float | None
     ci95_high: float | None
     significant: bool | None
+    p: float | None = None
+    p_holm: float | None = None
+
+    @property
+    def real(self) -> bool | None:
+        """Whether the difference is shown real at 5%, corrected for the family (Holm)."""
+        return None if self.p_holm is None else self.p_holm < 0.05
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "real": self.real}
+
+
+def holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """The comparisons, each with its p-value adjusted for all of them (Holm)."""
+    adjusted = stats.holm([c.p for c in comparisons])
+    return [dataclasses.replace(c, p_holm=p) for c, p in zip(comparisons, adjusted, strict=True)]
 
 
 def compare(a: VariantResult, b: VariantResult, metric: str = "test_accuracy") -> Comparison:
@@ -178,5 +192,5 @@ def compare(a: VariantResult, b: VariantResult, metric: str = "test_accuracy") -
 
 def compare_pairs(results: Sequence[VariantResult],
                   metric: str = "test_accuracy") -> list[Comparison]:
-    """Every pair, in order: (0, 1), (0, 2), ..., (1, 2), ..."""
-    return [compare(a, b, metric) for i, a in enumerate(results) for b in results[i + 1:]]
+    """Every pair, in order: (0, 1), (0, 2), ..., (1, 2), ..., Holm-adjusted as one family."""
+    return holm([compare(a, b, metric) for i, a in enumerate(results) for b in results[i + 1:]])

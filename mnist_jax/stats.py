@@ -54,8 +54,34 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     mean, half = mean_ci95(d)
     out: dict[str, float | int | None] = {"n": len(d), "mean": mean, "ci95_low": None,
-                                          "ci95_high": None, "significant": None}
+                                          "ci95_high": None, "significant": None, "p": None}
     if half is not None:
         out.update(ci95_low=mean - half, ci95_high=mean + half,
-                   significant=bool(half < abs(mean)))
+                   significant=bool(half < abs(mean)), p=paired_p_value(d))
+    return out
+
+
+def paired_p_value(d: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test on the differences `d` (at least 2): 0 where
+    they are equal and not 0, 1 where all are 0."""
+    from scipy import stats as st
+
+    d = np.asarray(d, np.float64)
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d[0] == 0 else 0.0
+    t = abs(d.mean()) / (sd / math.sqrt(len(d)))
+    return float(2 * st.t.sf(t, len(d) - 1))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None, for no test, stays None and
+    does not count): rejecting where the adjusted value is below alpha keeps the chance of
+    any false 'real' at most alpha over the whole family."""
+    tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(tested)):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = running
     return out

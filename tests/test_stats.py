@@ -35,3 +35,18 @@ def test_paired_difference_by_hand():
     noisy = stats.paired_difference([0.98, 0.97, 0.99], [0.975, 0.985, 0.98])
     assert noisy["significant"] is False
     assert stats.paired_difference([0.9], [0.8])["ci95_low"] is None
+
+
+def test_paired_p_value_by_a_published_table():
+    # d = 1, 2, 3: t = 2 / (1 / sqrt(3)) = 3.4641 on 2 df; two-sided p = 0.0742.
+    assert stats.paired_p_value([1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
+    assert stats.paired_difference([3.0, 4.0, 5.0], [2.0, 2.0, 2.0])["p"] == pytest.approx(
+        0.07418, abs=1e-4)
+    assert stats.paired_p_value([0.0, 0.0]) == 1.0 and stats.paired_p_value([1.0, 1.0]) == 0.0
+
+
+def test_holm_by_hand():
+    # Sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> kept monotone: 0.06.
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+    assert stats.holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
