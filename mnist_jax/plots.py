@@ -115,8 +115,11 @@ def _loss_title(runs: Sequence[History]) -> str:
     return "loss (cross-entropy + L2 penalty)" if penalised else "loss (cross-entropy)"
 
 
-def history_curves(histories: History | Sequence[History], title: str = "") -> Figure:
-    """Loss and accuracy (%) per epoch, train vs validation; several runs give mean and band."""
+def history_curves(histories: History | Sequence[History], title: str = "", *,
+                   share_with: Sequence[History] = ()) -> Figure:
+    """Loss and accuracy (%) per epoch, train vs validation; several runs give mean and band.
+    The y-axes hold the values of `share_with` too (the other variants' histories), so that
+    figures meant to sit side by side share their scales."""
     runs = [histories] if isinstance(histories, Mapping) else list(histories)
     fig = Figure(figsize=(11, 4), layout="constrained")
     n_epochs = len(runs[0]["loss"])
@@ -129,11 +132,28 @@ def history_curves(histories: History | Sequence[History], title: str = "") -> F
                   "validation", COLORS[1], "--")
         name = _loss_title(runs) if metric == "loss" else "accuracy (%)"
         ax.set(ylabel=name, title=name)
+        if share_with:
+            ax.set_ylim(*shared_limits([*runs, *share_with])[metric])
         _epoch_axis(ax, n_epochs)
         ax.legend()
     suffix = f" (mean and ±1 sd over {len(runs)} seeds)" if len(runs) > 1 else ""
     fig.suptitle(title + suffix)
     return fig
+
+
+def shared_limits(histories: Sequence[History], margin: float = 0.04
+                  ) -> dict[str, tuple[float, float]]:
+    """y-limits of loss and accuracy (%) holding every train and validation value of every
+    history (non-finite ones left out), for `history_curves` figures on one scale."""
+    out = {}
+    for metric, scale in (("loss", 1.0), ("accuracy", 100.0)):
+        values = np.array([scale * v for h in histories for k in (metric, f"val_{metric}")
+                           for v in h.get(k, []) if v is not None], np.float64)
+        values = values[np.isfinite(values)]
+        low, high = (values.min(), values.max()) if values.size else (0.0, 1.0)
+        pad = margin * max(high - low, 1e-6)
+        out[metric] = (low - pad, high + pad)
+    return out
 
 
 def compare_variants(histories: Mapping[str, Sequence[History]],
@@ -228,38 +248,59 @@ def misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
 def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
                   mean_val: np.ndarray, *, n_seeds: int, chosen: tuple[int, int] | None = None,
                   marks: Mapping[str, tuple[int, int]] | None = None, title: str = "",
+                  centre: float | None = None, half_widths: np.ndarray | None = None,
                   ) -> Figure:
     """Mean validation accuracy (%) over an L2 x dropout grid, `mean_val[i_l2, i_dropout]`
-    (NaN: diverged or not trained), every cell annotated; the chosen cell framed, the cells
-    of `marks` (the original variants) labelled with their names."""
+    (NaN: diverged or not trained), every cell annotated with its 95% interval's half-width
+    (`half_widths`, same shape) where there are several seeds; the chosen cell framed, the
+    cells of `marks` (the original variants) labelled with their names.
+
+    Colours are differences from `centre` (the baseline's mean), diverging, and span at
+    least the widest interval either way: differences within the noise stay pale rather
+    than spread over the whole colour scale.
+    """
     values = np.asarray(mean_val, np.float64).T * 100  # rows: dropout, columns: L2
-    fig = Figure(figsize=(1.3 * len(l2_values) + 2.6, 0.8 * len(dropout_values) + 1.8),
+    half = None if half_widths is None else np.asarray(half_widths, np.float64).T * 100
+    fig = Figure(figsize=(1.5 * len(l2_values) + 2.8, 0.8 * len(dropout_values) + 1.8),
                  layout="constrained")
     ax = fig.subplots()
     finite = values[np.isfinite(values)]
-    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, origin="lower",
-                      vmin=low, vmax=max(high, low + 1e-6), aspect="auto")
-    fig.colorbar(image, ax=ax, label=f"validation accuracy (%), mean of {n_seeds}",
-                 format="%.2f")
+    mid = (centre * 100 if centre is not None else
+           float(np.median(finite)) if finite.size else 0.0)
+    spread = float(np.max(np.abs(finite - mid))) if finite.size else 1.0
+    if half is not None and np.isfinite(half).any():
+        spread = max(spread, float(np.nanmax(half)))
+    spread = max(spread, 1e-6)
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values - mid), cmap=cmap, origin="lower",
+                      vmin=-spread, vmax=spread, aspect="auto")
+    what = "the baseline" if centre is not None else "the median"
+    fig.colorbar(image, ax=ax, format="%+.2f",
+                 label=f"validation accuracy minus {what} ({mid:.2f}%), points; n={n_seeds}")
     for (r, c), value in np.ndenumerate(values):
-        bright = np.isfinite(value) and value > (low + high) / 2
-        ax.text(c, r, f"{value:.2f}" if np.isfinite(value) else "diverged", ha="center",
-                va="center", fontsize=9, color="black" if bright else "white")
+        strong = np.isfinite(value) and abs(value - mid) > 0.6 * spread
+        text = "diverged"
+        if np.isfinite(value):
+            text = f"{value:.2f}"
+            if half is not None and np.isfinite(half[r, c]):
+                text += f"\n± {half[r, c]:.2f}"
+        ax.text(c, r, text, ha="center", va="center", fontsize=8,
+                color="white" if strong else "black")
     for name, (i, j) in (marks or {}).items():
-        ax.text(i, j - 0.32, name, ha="center", va="center", fontsize=7, style="italic",
-                color="#ffdddd")
+        ax.text(i, j - 0.36, name, ha="center", va="center", fontsize=7, style="italic",
+                color="#444444")
     if chosen is not None:
         i, j = chosen
-        ax.add_patch(_Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor="#d62728",
+        ax.add_patch(_Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor="#2ca02c",
                                 linewidth=2.5))
-        ax.text(i, j + 0.3, "chosen", ha="center", va="center", fontsize=7,
-                color="#d62728", weight="bold")
+        ax.text(i, j + 0.36, "chosen", ha="center", va="center", fontsize=7,
+                color="#2ca02c", weight="bold")
     ax.set(xticks=range(len(l2_values)), xticklabels=[f"{v:g}" for v in l2_values],
            yticks=range(len(dropout_values)), yticklabels=[f"{v:g}" for v in dropout_values],
            xlabel="L2 coefficient", ylabel="dropout rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + (f"\nvalidation accuracy (%), mean ± 95% interval half-width over "
+                          f"{n_seeds} seeds" if half is not None else
+                          f"\nvalidation accuracy (%), {n_seeds} seed(s)"), fontsize=9)
     return fig
 
 

@@ -225,3 +225,38 @@ def test_figure_workers_run_below_the_main_process():
     with Renderer(workers=1) as r:
         assert r.pool is not None
         assert r.pool.submit(os.nice, 0).result() == min(19, os.nice(0) + NICENESS)
+
+
+def test_curves_meant_side_by_side_share_their_scales():
+    low = {"loss": [0.5, 0.1], "val_loss": [0.4, 0.3], "accuracy": [0.9, 0.95],
+           "val_accuracy": [0.91, 0.93]}
+    high = {"loss": [2.0, 1.5], "val_loss": [1.8, 1.6], "accuracy": [0.6, 0.8],
+            "val_accuracy": [0.7, 0.75]}
+    both = [low, high]
+    a = plots.history_curves(low, share_with=both)
+    b = plots.history_curves(high, share_with=both)
+    for i in (0, 1):
+        assert a.axes[i].get_ylim() == b.axes[i].get_ylim()
+    # Every value inside: loss 0.1..2.0, accuracy 60..95 %.
+    lo, hi = a.axes[0].get_ylim()
+    assert lo < 0.1 and hi > 2.0 and hi - lo < 2.2
+    lo, hi = a.axes[1].get_ylim()
+    assert lo < 60 and hi > 95 and hi - lo < 40
+    alone = plots.history_curves(low)
+    assert alone.axes[0].get_ylim()[1] < 1.0  # on its own, its own scale
+
+
+def test_a_heatmap_does_not_stretch_noise_over_its_colours():
+    """Cells 0.1 points apart with intervals of ±0.3: the colours, centred on the baseline,
+    span at least the interval, so the cells stay pale instead of spanning the scale."""
+    mean = np.array([[0.9760, 0.9770], [0.9765, 0.9755]])  # [l2, dropout]
+    half = np.full((2, 2), 0.003)
+    fig = plots.sweep_heatmap((0.0, 1e-4), (0.0, 0.2), mean, n_seeds=5, centre=0.9760,
+                              half_widths=half)
+    image = fig.axes[0].images[0]
+    low, high = image.get_clim()
+    assert low == -high and high == pytest.approx(0.3)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "97.70\n± 0.30" in texts
+    wide = plots.sweep_heatmap((0.0, 1e-4), (0.0, 0.2), mean, n_seeds=1, centre=0.9700)
+    assert wide.axes[0].images[0].get_clim()[1] == pytest.approx(0.7)  # 97.70 - 97.00
