@@ -5,8 +5,10 @@ configuration with its final metrics."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,3 +61,58 @@ def write(logdir: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], *
                     for tag, value in finals.items():
                         w.add_scalar(tag, value, len(next(iter(history.values()))))
     return logdir
+
+
+class Live:
+    """Per-epoch scalars written as a run trains, so a running job can be watched: after each
+    epoch, `epoch(stack)` adds that epoch's values of every model ('epoch/<key>' at the epoch's
+    number) to <logdir>/<name>/seed_<seed>, on disk when it returns. A run resumed after epoch
+    k starts its event files with TensorBoard's purge at step k + 1: what a stopped run wrote
+    past its checkpoint is superseded, and each epoch shows once.
+
+    tensorboardX's synchronous EventsWriter, not its SummaryWriter, whose flush does not wait
+    for the events its queue still holds.
+    """
+
+    def __init__(self, logdir: str | Path, resumed_after: int = 0):
+        self.logdir = Path(logdir)
+        self.resumed_after = resumed_after
+        self.writers: dict[tuple[str, int], Any] = {}
+
+    def _writer(self, name: str, seed: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+
+        key = (name, seed)
+        if key not in self.writers:
+            directory = self.logdir / run_name(name) / f"seed_{seed}"
+            directory.mkdir(parents=True, exist_ok=True)
+            # The suffix keeps a resumed run's file apart from the one started the same second.
+            w = EventsWriter(str(directory / "events"), f".{os.getpid()}.{self.resumed_after}")
+            if self.resumed_after:
+                w.write_event(event_pb2.Event(
+                    wall_time=time.time(), step=self.resumed_after + 1,
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            self.writers[key] = w
+        return self.writers[key]
+
+    def epoch(self, stack) -> None:
+        """Writes epoch `stack.epochs_done` of every model of the stack, and flushes."""
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        step = stack.epochs_done
+        for variant in stack.variants:
+            for s, seed in enumerate(stack.seeds):
+                w = self._writer(variant.name, seed)
+                for key, values in stack.histories[variant.name][s].items():
+                    if len(values) >= step and values[step - 1] is not None:
+                        w.write_event(event_pb2.Event(
+                            wall_time=time.time(), step=step,
+                            summary=scalar(f"epoch/{key}", float(values[step - 1]))))
+                w.flush()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
