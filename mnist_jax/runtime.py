@@ -78,6 +78,22 @@ def cpu() -> dict[str, Any]:
             "extensions": [x for x in wanted if x in flags]}
 
 
+def bfloat16_note(dtype: str) -> str | None:
+    """A line for a run asking for bfloat16 matmuls on a CPU without bfloat16 dot instructions
+    (avx512_bf16, amx_bf16), where XLA converts them to float32 and float32 is likely faster;
+    None where nothing needs saying (float32, an accelerator, a CPU with them, an unknown
+    CPU)."""
+    import jax
+
+    if dtype != "bfloat16" or jax.default_backend() != "cpu":
+        return None
+    info = cpu()
+    if not info["family"] or {"avx512_bf16", "amx_bf16"} & set(info["extensions"]):
+        return None
+    return (f"note: --dtype bfloat16 on this CPU ({info['model']}, no avx512_bf16 or amx_bf16 "
+            "instructions) is likely slower than float32; see docs/benchmarks.md")
+
+
 def process_seconds() -> float | None:
     """Seconds since this process started (Linux: /proc), or None where that is unknown."""
     try:
