@@ -51,6 +51,12 @@ def as_mnist(digit_u8):
     return digit_u8.astype(np.float32) / 255
 
 
+def save_png(gray, path):
+    """A float (H, W) image in [0, 1] saved as an 8-bit PNG; returns `path`."""
+    Image.fromarray((np.asarray(gray) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
 def loaded(path, invert="auto"):
     (item,) = inputs.load_inputs([path], invert=invert)
     return item
@@ -122,6 +128,41 @@ def test_forced_polarity_is_obeyed(tmp_path, digits):
         top, bottom, left, right_ = ink_box(wrong.image.reshape(28, 28))
         assert (bottom - top + 1, right_ - left + 1) == (12, 20)
         assert aligned_corr(wrong.image.reshape(28, 28), right) < 0.3
+
+
+def test_auto_polarity_judges_the_paper_by_the_border(tmp_path):
+    """Against the image's mid-range, not 0.5: grey paper in dim light (0.45) under pencil
+    (0.1) is light paper, a grey board (0.3) under chalk (0.8) is dark. By the border, not the
+    whole image: a bold 1 cut tight is two thirds ink, but its border is mostly paper."""
+    stroke = np.zeros((120, 90), bool)
+    stroke[20:100, 40:52] = True
+    stroke[20:32, 28:52] = True
+    pencil = np.where(stroke, 0.1, 0.45).astype(np.float32)
+    chalk = np.where(stroke, 0.8, 0.3).astype(np.float32)
+    expected = inputs.to_mnist(np.where(stroke, 1.0, 0.0))
+    for name, image, inverted in (("pencil", pencil, True), ("chalk", chalk, False)):
+        got = loaded(save_png(image, tmp_path / f"{name}.png"))
+        assert got.inverted is inverted
+        np.testing.assert_allclose(got.image.reshape(28, 28), expected, atol=1e-5)
+    bold_one = np.ones((60, 24), np.float32)
+    bold_one[:, 4:20] = 0.0  # touches the top and bottom rows
+    got = loaded(save_png(bold_one, tmp_path / "one.png"))
+    assert got.inverted is True
+    assert ink_box(got.image.reshape(28, 28))[:2] == (4, 23)
+
+
+def test_noisy_grey_photo_comes_back(tmp_path, digits):
+    """Pencil (0.15) on grey paper (0.85) with pixel noise of sd 0.05, saved as JPEG at
+    quality 75: the noise about the paper's level is no ink, and no speck widens the box."""
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(digits):
+        page = np.asarray(on_paper(d, 5), np.float64) / 255
+        photo = np.clip(0.15 + 0.7 * page + 0.05 * rng.standard_normal(page.shape), 0, 1)
+        path = tmp_path / f"photo{i}.jpg"
+        Image.fromarray((photo * 255).round().astype(np.uint8)).save(path, quality=75)
+        got = loaded(path)
+        assert got.inverted is True
+        assert aligned_corr(got.image.reshape(28, 28), as_mnist(d)) > 0.98, i  # 0.994 at least
 
 
 def test_transparent_background_is_paper(tmp_path, digits):
