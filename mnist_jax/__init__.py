@@ -27,7 +27,7 @@ _EXPORTS = {
     "SweepConfig": "mnist_jax.sweep", "run_sweep": "mnist_jax.sweep",
     "sweep_and_report": "mnist_jax.sweep",
 }
-_MODULES = ("data", "preprocessing", "config", "model", "kernels", "optim", "steps",
+_MODULES = ("data", "preprocessing", "inputs", "config", "model", "kernels", "optim", "steps",
             "placement", "programs", "stacks", "fit", "results", "plots", "report", "experiment",
             "rundir", "checkpoint", "stats", "runtime", "sweep", "tensorboard")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
