@@ -142,6 +142,35 @@ def figure(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(records: list[dict]) -> str:
+    """The tables docs/weight-decay.md shows: per width, every configuration's validation and
+    test accuracy over seeds, then the paired test comparisons in points."""
+    lines = []
+    for rec in records:
+        width, a = "-".join(map(str, rec["hidden"])), rec["analysis"]
+        n = len(rec["seeds"])
+        lines += [f"### {width} ({n} seeds, {rec['train_seconds'] / 60:.1f} min of training)",
+                  "", "| configuration | val acc (mean ± sd) | test acc (mean ± sd) |",
+                  "|---|---|---|"]
+        for name, s in a["summary"].items():
+            mark = " (chosen)" if name in a["chosen"].values() else ""
+            lines.append(f"| `{name}`{mark} | {100 * s['val_accuracy']['mean']:.2f} ± "
+                         f"{100 * s['val_accuracy']['std']:.2f} | "
+                         f"{100 * s['test_accuracy']['mean']:.2f} ± "
+                         f"{100 * s['test_accuracy']['std']:.2f} |")
+        lines += ["", f"Paired test differences, in points ({len(a['comparisons'])} "
+                  "comparisons; Holm-corrected p):", "",
+                  "| a − b | mean | 95% interval | p (Holm) | real at 5%? |",
+                  "|---|---|---|---|---|"]
+        for c in a["comparisons"]:
+            verdict = "yes" if c["p_holm"] < 0.05 else "not shown"
+            lines.append(f"| `{c['a']}` − `{c['b']}` | {100 * c['mean']:+.2f} | "
+                         f"[{100 * c['ci95_low']:+.2f}, {100 * c['ci95_high']:+.2f}] | "
+                         f"{c['p_holm']:.3f} | {verdict} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", action="append", default=None,
@@ -150,7 +179,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("docs/weight-decay.json"))
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/weight_decay.png"))
+    parser.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                        help="print the tables of a finished run's JSON, and redraw its figure")
     args = parser.parse_args()
+    if args.markdown:
+        records = json.loads(args.markdown.read_text())["widths"]
+        print(markdown(records))
+        figure(records, args.figure)
+        return
     from mnist_jax import fit, runtime
     from mnist_jax.config import parse_hidden, parse_seeds
     from mnist_jax.data import load_mnist

@@ -26,6 +26,9 @@ _EXPORTS = {
     "enable_compilation_cache": "mnist_jax.runtime",
     "SweepConfig": "mnist_jax.sweep", "run_sweep": "mnist_jax.sweep",
     "sweep_and_report": "mnist_jax.sweep",
+    "load_run": "mnist_jax.trained", "TrainedRun": "mnist_jax.trained",
+    "load_model": "mnist_jax.saving", "SavedModel": "mnist_jax.saving",
+    "load_inputs": "mnist_jax.inputs",
 }
 _MODULES = ("data", "preprocessing", "inputs", "config", "model", "kernels", "optim", "steps",
             "placement", "programs", "stacks", "fit", "results", "plots", "report", "experiment",

@@ -103,7 +103,8 @@ def _fit_flags(g) -> None:
                         f"{','.join(map(str, _default('hidden')))}): 1 to {MAX_DEPTH} layers "
                         f"of 1 to {MAX_WIDTH} units; the variants' L2 and dropout follow the "
                         "depth (l2: the first hidden kernel; l2_dropout: every hidden kernel; "
-                        "dropout after every hidden layer)")
+                        "dropout after every hidden layer); sweep: repeat it to compare "
+                        "architectures, one stack each (--hidden 256,256 --hidden 1024,1024)")
     _choice(g, "optimizer", OPTIMIZERS, "the Adam")
     _choice(g, "loss", LOSS_FORMS, "the cross-entropy, in training and evaluation")
     g.add_argument("--eval-batch-size", type=_number(int, "--eval-batch-size",
@@ -190,11 +191,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_architecture(given: list[str]) -> tuple[int, ...]:
-    """--hidden's widths; given twice (a sweep over architectures), refused for now rather
-    than silently keeping the last."""
+    """--hidden's widths; given twice, refused (a sweep compares architectures) rather than
+    silently keeping the last."""
     if len(given) > 1:
         raise ConfigError(f"--hidden given {len(given)} times ({' '.join(given)}): a run trains "
-                          "one architecture; run one per architecture for now")
+                          "one architecture; compare several with mnist-jax sweep --hidden A "
+                          "--hidden B")
     return parse_hidden(given[0])
 
 
@@ -265,7 +267,58 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_flags(g)
     _output(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("predict", help="classify your own digits with a trained model",
+                       description="Print each input's predicted digit and its probability. "
+                       "Image files (PNG, JPEG, any size; alpha flattened onto white) are "
+                       "brought to MNIST's convention first: grayscale, a white digit on "
+                       "black (--invert), the digit fitted into 20x20 and centred by its "
+                       "centre of mass in 28x28, as MNIST's digits were made. .npy arrays "
+                       "((N, 28, 28) or (N, 784); uint8 is scaled by 1/255, floats must lie "
+                       "in [0, 1]) are taken as already in MNIST's convention.")
+    _model_flags(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or .npy files")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="image files: make a dark digit on light paper white on black "
+                        "(auto: when the image's border is light; default auto)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per input on stdout, for scripts")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="a trained model's test loss and accuracy",
+                       description="Evaluate a run's kept models on the MNIST test set: the "
+                       "report's test numbers, for every seed and their mean unless --seed "
+                       "names one.")
+    _model_flags(p)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="MNIST cache (default: $MNIST_JAX_DATA or ~/.cache/mnist_jax)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a trained model as a .keras, ONNX or jax.export file",
+                       description="Write one kept model for another runtime: keras (a "
+                       ".keras file for keras.saving.load_model, softmax output), onnx "
+                       "(probabilities, any batch size; pip install 'mnist_jax[onnx]') or "
+                       "jax (a serialized jax.export function of the probabilities, any "
+                       "batch size, needing only jax to run). Always float32.")
+    _model_flags(p)
+    p.add_argument("--format", required=True, choices=("keras", "onnx", "jax"),
+                   help="the file's format")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, metavar="DIR",
+                        help="a finished train, experiment or sweep directory")
+    parser.add_argument("--variant", default=None,
+                        help="its variant (a sweep: configuration) to use (default: the one "
+                             "chosen on validation)")
+    parser.add_argument("--seed", type=_number(int, "--seed", "an integer"), default=None,
+                        help="its seed, by value (default: the run's first)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but results and "
+                                                            "errors")
 
 
 def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
@@ -323,8 +376,11 @@ def _sweep_config(args):
             raise ConfigError(f"--model-parallel {model_parallel}: this run sees "
                               f"{jax.device_count()} device(s); choose 1..{jax.device_count()}"
                               " or 'all'")
+    hidden = args.hidden or []
+    args.hidden = hidden[:1] or None  # the first architecture is train.hidden
     train = _train_given(args)
-    given = {"search": args.search, "l2": _floats("--l2", args.l2),
+    architectures = tuple(parse_hidden(h) for h in hidden) if len(hidden) > 1 else None
+    given = {"search": args.search, "architectures": architectures, "l2": _floats("--l2", args.l2),
              "dropout": _floats("--dropout", args.dropout),
              "learning_rate": _floats("--lr", args.lr),
              "weight_decay": _floats("--weight-decay", args.weight_decay),
@@ -523,6 +579,94 @@ def cmd_experiment(args) -> int:
         v.strip() for v in args.variants.split(",") if v.strip())
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     return _run(args, _experiment_config(args, variants, seeds))
+
+
+def _loaded(directory: Path):
+    """load_run of --run, its errors naming the flag."""
+    from mnist_jax.trained import load_run
+
+    try:
+        return load_run(directory)
+    except ConfigError as e:
+        raise ConfigError(f"--run {directory}: {e}") from None
+
+
+def _pick(run, variant: str | None, seed: int | None) -> tuple[str, int]:
+    """--variant and --seed of a loaded run, checked (default: the chosen, the first)."""
+    if variant is not None and variant not in run.variants:
+        names = ", ".join(run.variants[:12]) + (" ..." if len(run.variants) > 12 else "")
+        raise ConfigError(f"--variant {variant}: the run in {run.directory} has no such "
+                          f"variant; choose one of {names}")
+    if seed is not None and seed not in run.seeds:
+        raise ConfigError(f"--seed {seed}: the run in {run.directory} has seeds "
+                          f"{', '.join(map(str, run.seeds))}; choose one of them")
+    return (run.chosen if variant is None else variant,
+            run.seeds[0] if seed is None else seed)
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    import numpy as np
+
+    from mnist_jax.inputs import load_inputs
+
+    run = _loaded(args.run)
+    variant, seed = _pick(run, args.variant, args.seed)
+    model = run.model(variant, seed)
+    inputs = load_inputs(args.files, invert=args.invert)
+    images = np.stack([x.image for x in inputs])
+    probabilities = run.probabilities(images, variant, seed)
+    _say(args.quiet)(f"model: {model.variant.name} (seed {model.seed}) of {args.run}")
+    for x, p in zip(inputs, probabilities, strict=True):
+        digit = int(np.argmax(p))
+        if args.json:
+            print(json.dumps({"input": x.name, "digit": digit, "probability": float(p[digit]),
+                              "probabilities": [round(float(q), 6) for q in p]}))
+        else:
+            print(f"{x.name}: {digit} ({p[digit]:.1%})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mnist_jax.data import check_data_dir, load_mnist
+
+    check_data_dir(args.data_dir)
+    run = _loaded(args.run)
+    variant, seed = _pick(run, args.variant, args.seed)
+    seeds = run.seeds if args.seed is None else (seed,)
+    for seed in seeds:
+        run.model(variant, seed)  # one line for a model the run did not keep, before work
+    mnist = load_mnist(args.data_dir)
+    rows = [f"{'variant':12} {'seed':>6} {'test loss':>10} {'test acc':>9}"]
+    losses, accuracies = [], []
+    for seed in seeds:
+        m = run.evaluate(mnist.test_images, mnist.test_labels, variant, seed)
+        losses.append(m["loss"])
+        accuracies.append(m["accuracy"])
+        rows.append(f"{variant:12} {seed:>6} {m['loss']:10.4f} {m['accuracy']:9.2%}")
+    if len(seeds) > 1:
+        import numpy as np
+
+        rows.append(f"{variant:12} {'mean':>6} {np.mean(losses):10.4f} "
+                    f"{np.mean(accuracies):9.2%}")
+    print("\n".join(rows))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mnist_jax import export
+
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; give the file to write")
+    if args.out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out} exists; choose another --out or add --overwrite")
+    run = _loaded(args.run)
+    model = run.model(*_pick(run, args.variant, args.seed))
+    export.FORMATS[args.format][0](model.params, args.out)
+    _say(args.quiet)(f"{model.variant.name} (seed {model.seed}) of {args.run} -> {args.out} "
+                     f"({args.format})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import fit, placement, report, results, rundir, runtime
+from mnist_jax import fit, placement, report, results, rundir, runtime, saving
 from mnist_jax.config import (
     DROPOUT,
     L2,
@@ -156,10 +156,12 @@ def _all_training_images(stack: fit.Stack) -> dict[str, np.ndarray]:
 
 def history_figures(stack: fit.Stack, out_dir: Path,
                     renderer: Renderer | None = None) -> dict[str, str]:
-    """Each variant's loss and accuracy per epoch (all seeds): needs only the histories."""
+    """Each variant's loss and accuracy per epoch (all seeds), every figure on the same
+    scales so that they compare at a glance: needs only the histories."""
+    every = [h for v in stack.variants for h in stack.histories[v.name]]
     return draw_figures({f"curves_{v.name}": ("history_curves", (stack.histories[v.name],),
-                                       {"title": v.name}) for v in stack.variants},
-                 out_dir, renderer)
+                                              {"title": v.name, "share_with": every})
+                         for v in stack.variants}, out_dir, renderer)
 
 
 def figures(stack: fit.Stack, splits: fit.Splits, mnist: MNIST,
@@ -232,6 +234,8 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
         outcomes = collect(stack)
     selection = results.select(outcomes)
     best = selection.chosen
+    with timed(parts, "save_models"):  # every model's final parameters, for load_run
+        saving.save_stack(out, stack, write=primary)
     with timed(parts, "figures"):  # the rest drawn, and all written
         figure_paths = ({**eda, **curves, **figures(stack, splits, mnist, outcomes,
                                                     best, out, renderer)}
@@ -271,6 +275,14 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     return metrics
 
 
+def _then(first: Callable[[fit.Stack], None], second: Callable[[fit.Stack], None]
+          ) -> Callable[[fit.Stack], None]:
+    def both(stack: fit.Stack) -> None:
+        first(stack)
+        second(stack)
+    return both
+
+
 def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                        data_dir: str | Path | None = None, resume: bool = False,
                        overwrite: bool = False, progress: bool = True,
@@ -285,10 +297,10 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
     TrainingDiverged (the last good checkpoint kept), Interrupted (after checkpointing, on
     Ctrl-C or SIGTERM) and WriteError (disk full, I/O error) otherwise; `run.json` records
     the outcome. `command` is the CLI command that resumes the run, for messages;
-    `tensorboard` also writes TensorBoard event files (per-epoch scalars per model) to
-    <out>/tensorboard. A checkpoint is saved after an epoch when `checkpoint_every` seconds
-    (default checkpoint.EVERY_SECONDS; 0: every epoch) have passed since the last, after the
-    last epoch and on a stop signal.
+    `tensorboard` also writes TensorBoard event files (per-epoch scalars per model, after
+    every epoch) to <out>/tensorboard. A checkpoint is saved after an epoch when
+    `checkpoint_every` seconds (default checkpoint.EVERY_SECONDS; 0: every epoch) have passed
+    since the last, after the last epoch and on a stop signal.
     """
     from mnist_jax.data import check_data_dir
 
@@ -307,15 +319,13 @@ def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                  f"{config.train.epochs} epochs): nothing to resume")
             return json.loads((out / "metrics.json").read_text())
         results = _train_into(config, out, data_dir, resume, progress, echo, command, primary,
-                              checkpoint_every)
-    if tensorboard and primary:
-        tb.write(out / tb.DIRECTORY, {name: v["runs"] for name, v in results["variants"].items()})
+                              checkpoint_every, tensorboard)
     return results
 
 
 def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, progress: bool,
                 echo: Callable[[str], None], command: str, primary: bool,
-                checkpoint_every: float | None) -> dict[str, Any]:
+                checkpoint_every: float | None, tensorboard: bool) -> dict[str, Any]:
     """train_and_evaluate's work once the run directory is held."""
     from mnist_jax import checkpoint  # orbax is slow to import; only the main job needs it
     from mnist_jax.data import load_mnist
@@ -326,6 +336,8 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
     with timed(parts, "load_data"):
         mnist = load_mnist(data_dir)
     echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
+    if note := runtime.bfloat16_note(config.train.dtype):
+        echo(note)
     # Its workers start now, importing matplotlib while the initialiser compiles.
     with Renderer(runtime.usable_cores() if primary else 0) as renderer:
         mgr = checkpoint.manager(out / rundir.CHECKPOINTS)
@@ -348,9 +360,15 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
             return ({"epochs_done": kept},
                     f"the newest checkpoint is of epoch {kept}" if kept else "no checkpoint yet")
 
-        with rundir.deferred_interrupt(echo) as interrupt:
+        with rundir.deferred_interrupt(echo) as interrupt, contextlib.ExitStack() as held:
             on_epoch_end = rundir.checkpoint_hook(checkpoint.Saver(mgr, checkpoint_every),
                                                   interrupt, config.train.epochs, resume_with)
+            if tensorboard and primary:  # each epoch's scalars as it ends, to watch the run
+                from mnist_jax import tensorboard as tb
+
+                live = tb.Live(out / tb.DIRECTORY, resumed_after=stack.epochs_done)
+                held.callback(live.close)
+                on_epoch_end = _then(live.epoch, on_epoch_end)
             try:
                 with rundir.recording_outcome(out, primary, resume_with,
                                               lambda: {"epochs_done": stack.epochs_done},

@@ -174,14 +174,58 @@ def train(data: MNIST | Splits, variant: str | Variant = "baseline",
                        variant, seed)
 
 
-def evaluate(model: MLP, state: TrainState, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int = 2000, loss: str = "logits") -> dict[str, float]:
-    """Loss (cross-entropy of form `loss` + L2 penalty, as Keras) and accuracy of one model on
-    a data set."""
+def evaluate(model: MLP | Stack, *args, variant: str | None = None, seed: int | None = None,
+             batch_size: int = 2000, loss: str | None = None) -> dict[str, float]:
+    """Loss (cross-entropy of form `loss` + L2 penalty, as Keras), cross-entropy, penalty
+    and accuracy of one model on a data set:
+
+        evaluate(result.model, result.state, images, labels)        # one model (train)
+        evaluate(stack, images, labels, variant="dropout", seed=0)  # one of a stack's
+
+    `images` (N, 784) or (N, 28, 28), uint8 (scaled by 1/255) or floats in [0, 1]; `labels`
+    (N,) integers 0..9 or one-hot (N, 10). `loss` defaults to 'logits', or the stack's.
+    """
+    from mnist_jax.inputs import check_images, check_labels
+
+    if isinstance(model, Stack):
+        stack = model
+        if len(args) != 2 or variant is None or seed is None:
+            raise ConfigError("evaluate(stack, images, labels, variant=..., seed=...): name the "
+                              f"stack's model by variant ({', '.join(stack_names(stack))}) "
+                              f"and seed ({', '.join(map(str, stack.seeds))})")
+        v = stack_names(stack).index(_known(variant, stack_names(stack), "variant"))
+        s = stack.seeds.index(_known(seed, stack.seeds, "seed"))
+        state = jax.tree.map(lambda a: a[s, v], placement.to_host(stack.state))
+        model, loss = stack.model, stack.config.loss if loss is None else loss
+        images, labels = args
+    else:
+        if len(args) != 2 + 1:
+            raise ConfigError("evaluate(model, state, images, labels): one model and its state "
+                              "(train's result.model, result.state), or evaluate(stack, "
+                              "images, labels, variant=..., seed=...)")
+        state, images, labels = args
+        if np.ndim(state.step) != 0:
+            raise ConfigError(f"evaluate: this state holds a stack of {np.shape(state.step)} "
+                              "models; pass the Stack itself: evaluate(stack, images, labels, "
+                              "variant=..., seed=...)")
+    images = check_images(images)
+    labels = check_labels(labels, len(images))
     stacked = jax.tree.map(lambda a: jnp.asarray(a)[None, None], state)
     out = programs.evaluate_stack_jit(stacked, jnp.asarray(images), jnp.asarray(labels),
-                                      model=model, batch_size=batch_size, loss_form=loss)
+                                      model=model, batch_size=batch_size,
+                                      loss_form=loss or "logits")
     return {k: float(v[0, 0]) for k, v in out.items()}
+
+
+def stack_names(stack: Stack) -> list[str]:
+    return [v.name for v in stack.variants]
+
+
+def _known(value, known, what: str):
+    if value not in known:
+        raise ConfigError(f"{what} {value!r} is not in the stack; it has "
+                          f"{', '.join(map(str, known))}")
+    return value
 
 
 def evaluate_models(stack: Stack, images: np.ndarray | jax.Array,
@@ -205,7 +249,11 @@ def _predict(model: MLP, params, images: jax.Array) -> jax.Array:
 
 def predict(model: MLP, params, images: np.ndarray, *, batch_size: int = 2000,
             mesh=None) -> np.ndarray:
-    """Predicted class of each image (N, 784), in inference mode, a chunk at a time."""
+    """Predicted class of each image, in inference mode, a chunk at a time. `images` (N, 784)
+    or (N, 28, 28), uint8 (scaled by 1/255) or floats in [0, 1]."""
+    from mnist_jax.inputs import check_images
+
+    images = check_images(images)
     params = placement.put(params, mesh)
     chunks = [_predict(model, params, placement.put(images[i:i + batch_size], mesh))
               for i in range(0, len(images), batch_size)]

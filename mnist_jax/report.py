@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     test_best = f"test accuracy {_pm(variants[best]['stats']['test_accuracy'], '.2%')}{over}"
     if len(variants) > 1:
         criterion = CRITERIA[results["selection"]["on"]]
-        headline = (f"**Chosen variant: `{best}`**, the best {criterion} (mean over seeds, "
+        how = f"mean over {len(seeds)} seeds" if several else f"one seed, {seeds[0]}"
+        headline = (f"**Chosen variant: `{best}`**, the best {criterion} ({how}, "
                     f"{results['selection']['values'][best]:.2%}); the test set was not used "
                     f"to choose. Its {test_best}.")
     else:
@@ -150,16 +151,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if len(variants) > 1 and several:
         lines += [
             "Variants with the same seed share initial weights, batch order and dropout noise, "
-            "so each difference is measured seed by seed; the interval is a 95% Student-t "
-            "interval on the per-seed differences in test accuracy.",
+            "so each difference is measured seed by seed.",
             "",
-            "| comparison | mean difference | 95% interval | real? |",
-            "|---|---|---|---|",
+            *comparison_table(results["comparisons"]),
         ]
-        for c in results["comparisons"]:
-            verdict = "yes" if c["significant"] else "not shown"
-            lines.append(f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3%} | "
-                         f"[{c['ci95_low']:+.3%}, {c['ci95_high']:+.3%}] | {verdict} |")
     elif len(variants) > 1:
         lines.append("One seed gives one number per variant and no way to tell a real "
                      "difference from noise: rerun with `--seeds 0,1,2,3,4` for intervals.")
@@ -228,6 +223,32 @@ def _point(v: Mapping[str, Any]) -> str:
     return f"{l2}, {drop}, lr {v['learning_rate']:.3g}{wd}"
 
 
+def _named(name: str, confs: Mapping[str, Any] | None = None) -> str:
+    """A configuration as the report names it: an original that is also a grid point says
+    which."""
+    alias = (confs or {}).get(name, {}).get("grid_point")
+    return f"`{name}` (= `{alias}`)" if alias else f"`{name}`"
+
+
+def comparison_table(comparisons: Sequence[Mapping[str, Any]],
+                     confs: Mapping[str, Any] | None = None) -> list[str]:
+    """Paired test-accuracy differences in percentage points, each with its 95% interval and
+    its p-value Holm-adjusted over the table's comparisons, which decides 'real'."""
+    m = len(comparisons)
+    lines = [f"| comparison | difference (points) | 95% interval | p (Holm, {m} "
+             f"comparison{'s' if m != 1 else ''}) | real at 5%? |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        verdict = "yes" if c.get("p_holm") is not None and c["p_holm"] < 0.05 else "not shown"
+        p = "–" if c.get("p_holm") is None else f"{c['p_holm']:.3f}"
+        lines.append(f"| {_named(c['a'], confs)} − {_named(c['b'], confs)} | "
+                     f"{100 * c['mean']:+.2f} | [{100 * c['ci95_low']:+.2f}, "
+                     f"{100 * c['ci95_high']:+.2f}] | {p} | {verdict} |")
+    lines += ["", "The interval is a 95% Student-t interval on the per-seed differences; "
+              "'real' asks the paired t-test's p-value, Holm-adjusted for the number of "
+              "comparisons, to stay below 0.05."]
+    return lines
+
+
 def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
     """A sweep's report: the choice and whether it beats the original variants, the heatmaps,
     the best configurations, then how the numbers were made."""
@@ -242,7 +263,8 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"# MNIST MLP sweep ({metrics['created']})",
         "",
         f"**Chosen: `{chosen}`** ({_point(confs[chosen]['variant'])}), the best "
-        f"{CRITERIA[on]} of {len(confs)} configurations (mean over {_plural(len(seeds), 'seed')}"
+        f"{CRITERIA[on]} of {len(confs)} configurations ("
+        f"{'mean over ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else 'one seed'}"
         f", {sel['value']:.2%}); the test set was not used to choose. Its test accuracy: "
         f"{test}. {_plural(metrics['timing']['models'], 'model')} trained for "
         f"{_plural(cfg['train']['epochs'], 'epoch')} ({metrics['timing']['placement']} "
@@ -254,14 +276,11 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         lines += ["## Does it beat the original variants?", ""]
         if len(seeds) > 1:
             lines += [
-                "Same seeds, same initial weights, batch order and dropout noise: each "
-                "difference in test accuracy is measured seed by seed, with a 95% Student-t "
-                "interval.", "",
-                "| comparison | mean difference | 95% interval | real? |", "|---|---|---|---|"]
-            for c in metrics["comparisons"]:
-                verdict = "yes" if c["significant"] else "not shown"
-                lines.append(f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3%} | "
-                             f"[{c['ci95_low']:+.3%}, {c['ci95_high']:+.3%}] | {verdict} |")
+                "Same seeds, same batch order and dropout noise (and the same initial weights "
+                "within an architecture): each difference in test accuracy is measured seed by "
+                "seed. The chosen configuration against each original variant, and the best "
+                "configuration that is no original against the baseline.", "",
+                *comparison_table(metrics["comparisons"], confs)]
         else:
             lines.append("One seed gives no interval: rerun with `--seeds 0-4` to tell a real "
                          "difference from noise.")
@@ -278,7 +297,7 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
               "|---|---|---|---|---|"]
     for rank, name in enumerate(sel["ranking"][:top], start=1):
         s = confs[name]["stats"]
-        lines.append(f"| {rank} | `{name}` | {_point(confs[name]['variant'])} | "
+        lines.append(f"| {rank} | {_named(name, confs)} | {_point(confs[name]['variant'])} | "
                      f"{_pm(s[on], '.2%')} | {_pm(s['test_accuracy'], '.2%')} |")
     originals = [n for n in sel["ranking"] if confs[n]["original"] and
                  sel["ranking"].index(n) >= top]
@@ -306,7 +325,14 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"- Data: MNIST from `{data['source']}`, SHA-256 verified; {data['train']:,} training, "
         f"{data['validation']:,} validation (the last {train['validation_split']:.0%}), "
         f"{data['test']:,} test images.",
-        f"- Model: MLP {'-'.join(map(str, (784, *train['hidden'], 10)))}, ReLU.",
+        (f"- Model: MLP {'-'.join(map(str, (784, *train['hidden'], 10)))}, ReLU."
+         if len(cfg.get("architectures") or ()) < 2 else
+         "- Models: MLPs "
+         + ", ".join("-".join(map(str, (784, *h, 10))) for h in cfg["architectures"])
+         +
+         ", ReLU, one stack each, one choice over all. A seed gives every architecture the "
+         "same batch order and dropout keys, so pairs across architectures share those; their "
+         "initial weights differ, as their shapes do."),
         f"- Training: {OPTIMIZER_NAMES[train['optimizer']]}; batch {train['batch_size']}; "
         f"{LOSS_NAMES[train['loss']]}"
         + (f"; decoupled weight decay (Keras's AdamW) on "

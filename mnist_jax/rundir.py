@@ -32,8 +32,9 @@ LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 CHUNKS = "chunks"  # a sweep's finished chunks, one JSON file each
 FIGURES = "figures"
+MODELS = "models"  # the trained models, kept (mnist_jax.saving)
 RESULT_FILES = ("metrics.json", "report.md", "sweep.csv")
-RESULT_DIRECTORIES = (FIGURES, CHECKPOINTS, CHUNKS, TENSORBOARD)
+RESULT_DIRECTORIES = (FIGURES, CHECKPOINTS, CHUNKS, TENSORBOARD, MODELS)
 
 
 # --- the lock: one writer per run directory -----------------------------------------------------
@@ -70,6 +71,10 @@ def exclusive(directory: str | os.PathLike, flag: str = "--out") -> Iterator[Non
         os.pwrite(fd, record, 0)
         yield
     finally:
+        # The record names the live holder only: cleared before the lock is let go, however
+        # the run ended (a SIGKILLed holder leaves its own, which the next one overwrites).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
 
 

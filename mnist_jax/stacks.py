@@ -40,6 +40,51 @@ class Splits:
     test_images: np.ndarray
     test_labels: np.ndarray
 
+    def __post_init__(self):
+        # Shapes and dtypes only (cheap, every time); from_arrays checks values and converts.
+        for part in ("train", "val", "test"):
+            images, labels = getattr(self, f"{part}_images"), getattr(self, f"{part}_labels")
+            ok = (getattr(images, "ndim", 0) == 2 and images.shape[1:] == (784,)
+                  and images.dtype == np.float32 and getattr(labels, "ndim", 0) == 2
+                  and labels.shape == (len(images), 10) and labels.dtype == np.float32)
+            if not ok:
+                raise ConfigError(
+                    f"Splits.{part}_images {_described(images)} and {part}_labels "
+                    f"{_described(labels)}: a Splits holds (N, 784) float32 images in [0, 1] "
+                    "and (N, 10) float32 one-hot labels; make it from your arrays with "
+                    "Splits.from_arrays(train_images, train_labels, test_images, test_labels)")
+
+    @classmethod
+    def from_arrays(cls, train_images, train_labels, test_images, test_labels, *,
+                    validation_split: float = 0.3) -> Splits:
+        """Splits of your own data, checked: images (N, 28, 28) or (N, 784), uint8 (scaled by
+        1/255) or floats in [0, 1]; labels (N,) integers 0..9 or one-hot (N, 10). The last
+        `validation_split` of the training rows is held out, as Keras's `validation_split`.
+        A problem raises ConfigError naming the array and the fix."""
+        from mnist_jax.inputs import check_images, check_labels
+
+        arrays = []
+        for what, images, labels in (("train", train_images, train_labels),
+                                     ("test", test_images, test_labels)):
+            try:
+                x = check_images(images)
+                arrays.append((x, check_labels(labels, len(x))))
+            except ConfigError as e:
+                raise ConfigError(f"{what}: {e}") from None
+        (x, y), test = arrays
+        if not (isinstance(validation_split, int | float) and 0 <= validation_split < 1):
+            raise ConfigError(f"validation_split {validation_split!r} must lie in [0, 1)")
+        (x_train, y_train), (x_val, y_val) = preprocessing.validation_split(
+            x, y, validation_split)
+        if not len(x_train):
+            raise ConfigError(f"validation_split {validation_split} leaves no training rows of "
+                              f"{len(x)}; lower it")
+        return cls(x_train, y_train, x_val, y_val, *test)
+
+
+def _described(a) -> str:
+    return f"{a.shape} {a.dtype}" if hasattr(a, "shape") else type(a).__name__
+
 
 def prepare(mnist: MNIST, validation_split: float = 0.3) -> Splits:
     """Flatten, scale, one-hot, and hold out the last `validation_split` as Keras does.

@@ -330,16 +330,6 @@ def evaluate_rows(state: TrainState, images: jax.Array, labels: jax.Array, start
             "accuracy": correct / total}
 
 
-def evaluate_stack(state: TrainState, images: jax.Array, labels: jax.Array, *, model: MLP,
-                   batch_size: int, batch_sharding: jax.sharding.Sharding | None = None,
-                   loss_form: str = "logits") -> dict[str, jax.Array]:
-    """`evaluate_rows` of every row of `images`, for every model of a (S, V) stack; values
-    of shape (S, V)."""
-    return evaluate_rows_stack(state, images, labels, 0, images.shape[0], model=model,
-                               batch_size=batch_size, batch_sharding=batch_sharding,
-                               loss_form=loss_form)
-
-
 def evaluate_rows_stack(state: TrainState, images: jax.Array, labels: jax.Array,
                         start: jax.Array, count: jax.Array, *, model: MLP, batch_size: int,
                         batch_sharding: jax.sharding.Sharding | None = None,

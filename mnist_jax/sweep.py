@@ -26,13 +26,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import files, fit, placement, rundir
+from mnist_jax import files, fit, placement, rundir, saving, stats
 from mnist_jax import results as outcome
 from mnist_jax.config import (
     VARIANTS,
     TrainConfig,
     Variant,
     check_decay_used,
+    check_hidden,
     check_regularisation,
     check_seeds,
     dense_names,
@@ -71,23 +72,51 @@ class SweepConfig:
     originals: bool = True  # train the study's four variants as points of the sweep
     chunk: int = 0
     train: TrainConfig = TrainConfig()
+    # A sweep over architectures (--hidden repeated): each one's hidden widths, the first
+    # being train.hidden; every configuration is trained at each, one stack per shape.
+    # Empty: train.hidden alone.
+    architectures: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The architectures swept: `architectures`, or train.hidden alone."""
+        return self.architectures or (self.train.hidden,)
+
+    def at(self, hidden: tuple[int, ...]) -> SweepConfig:
+        """This sweep at one architecture (what each of its stacks trains)."""
+        return dataclasses.replace(self, architectures=(),
+                                   train=dataclasses.replace(self.train, hidden=hidden))
 
     def validate(self, n_train: int = 60000) -> None:
         """Every setting, before any work starts; raises ConfigError naming the flag."""
         if self.search not in SEARCHES:
             raise ConfigError(f"--search {self.search!r} must be one of {', '.join(SEARCHES)}")
         self.train.validate(n_train)
-        for flag, layers, output in (("--l2-layers", self.l2_layers, True),
-                                     ("--dropout-layers", self.dropout_layers, False)):
-            names = dense_names(self.train.hidden)[:None if output else -1]
-            try:
-                known = bool(layers) and bool(resolve_layers(layers, self.train.hidden,
-                                                             output=output))
-            except ConfigError:
-                known = False
-            if not known:
-                raise ConfigError(f"{flag} {','.join(layers) or '(none)'}: name one or more of "
-                                  f"{','.join(names)}, or hidden (every hidden layer)")
+        for shape in self.architectures:
+            check_hidden(shape)
+        if self.architectures:
+            shown = " ".join(f"--hidden {','.join(map(str, h))}" for h in self.architectures)
+            if len(set(self.architectures)) != len(self.architectures):
+                raise ConfigError(f"{shown}: an architecture is given twice; give each once")
+            if self.architectures[0] != self.train.hidden:
+                raise ConfigError(f"architectures {self.architectures} must begin with "
+                                  f"train.hidden {self.train.hidden}")
+            if self.search == "tpe" and len(self.architectures) > 1:
+                raise ConfigError(f"{shown}: --search tpe sweeps one architecture; use --search "
+                                  "grid or random to compare several")
+        for hidden in self.shapes:
+            for flag, layers, output in (("--l2-layers", self.l2_layers, True),
+                                         ("--dropout-layers", self.dropout_layers, False)):
+                names = dense_names(hidden)[:None if output else -1]
+                try:
+                    known = bool(layers) and bool(resolve_layers(layers, hidden, output=output))
+                except ConfigError:
+                    known = False
+                if not known:
+                    at = f" (architecture {arch_name(hidden)})" if self.architectures else ""
+                    raise ConfigError(f"{flag} {','.join(layers) or '(none)'}{at}: name one or "
+                                      f"more of {','.join(names)}, or hidden (every hidden "
+                                      "layer)")
         if self.search != "grid" and len(self.weight_decay) > 1:
             raise ConfigError(f"--weight-decay {_show(self.weight_decay)}: --search "
                               f"{self.search} takes one weight decay; sweep it with --search "
@@ -145,9 +174,30 @@ class SweepConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> SweepConfig:
         tuples = ("l2", "dropout", "learning_rate", "weight_decay", "l2_layers",
                   "dropout_layers", "seeds")
-        d = {"weight_decay": (0.0,), **d}  # runs from before weight decay
+        d = {"weight_decay": (0.0,), "architectures": (), **d}  # runs from before either
         return cls(**{**d, **{k: tuple(d[k]) for k in tuples},
+                      "architectures": tuple(tuple(h) for h in d["architectures"]),
                       "train": TrainConfig.from_dict(d["train"])})
+
+
+def arch_name(hidden: Sequence[int]) -> str:
+    """'256-256': an architecture by its hidden widths."""
+    return "-".join(map(str, hidden))
+
+
+def original_of(name: str) -> str | None:
+    """The original variant a configuration is ('baseline', or '1024-1024 baseline' in a
+    sweep over architectures), or None."""
+    base = name.split(" ", 1)[1] if " " in name and name[0].isdigit() else name
+    return base if base in VARIANTS else None
+
+
+def _at_shape(points: list[Variant], hidden: tuple[int, ...], config: SweepConfig,
+              ) -> list[Variant]:
+    """Points named by their architecture too, where a sweep has several."""
+    if len(config.shapes) == 1:
+        return points
+    return [dataclasses.replace(p, name=f"{arch_name(hidden)} {p.name}") for p in points]
 
 
 def _show(values: Sequence[float]) -> str:
@@ -272,6 +322,7 @@ def chunk_results(stack: fit.Stack) -> dict[str, Any]:
             continue
         out[variant.name] = {
             "variant": dataclasses.asdict(variant),
+            "hidden": list(stack.config.hidden),
             "runs": [{"seed": seed, "history": _finite(stack.histories[variant.name][s]),
                       "test": {k: outcome.finite_or_none(test[k][s, v]) for k in test}}
                      for s, seed in enumerate(stack.seeds)],
@@ -376,7 +427,8 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
               interrupt: Sequence[int] = (), resume_with: str = "",
               checkpoint_every: float | None = None) -> dict[str, Any]:
     """Trains every configuration x seed, a chunk at a time, into `out`; returns the
-    configurations' results (name -> variant, runs, diverged), in sweep order.
+    configurations' results (name -> variant, runs, diverged), in sweep order. The models of
+    the original variants and of the choice are kept in `out`/models (mnist_jax.saving).
 
     Each chunk checkpoints under checkpoints/chunk_NNNN (every `checkpoint_every` seconds,
     default checkpoint.EVERY_SECONDS, 0: every epoch; the last epoch always) and, once finished,
@@ -387,18 +439,27 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
     checkpointed, raising Interrupted with `resume_with` in its message.
     """
     config.validate(len(splits.train_images) + len(splits.val_images))
-    fixed = None if config.search == "tpe" else with_originals(
-        grid(config) if config.search == "grid" else random_points(config), config)
+    # Each architecture's points in chunks of its own: a stack holds one shape.
+    fixed: list[tuple[SweepConfig, list[Variant]]] | None = None
+    if config.search != "tpe":
+        fixed = []
+        for hidden in config.shapes:
+            at = config.at(hidden)
+            points = _at_shape(with_originals(
+                grid(at) if config.search == "grid" else random_points(at), at), hidden, config)
+            size = config.chunk or auto_chunk(at, len(points))
+            fixed += [(at, points[i:i + size]) for i in range(0, len(points), size)]
     tpe = TPE(config) if config.search == "tpe" else None
-    total = len(fixed) if fixed is not None else config.samples + len(originals(config))
-    size = config.chunk or auto_chunk(config, total)
+    if tpe is not None:
+        size = config.chunk or auto_chunk(config, config.samples + len(originals(config)))
     (out / rundir.CHUNKS).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     index, drawn = 0, 0
-    n_chunks = math.ceil(total / size) if fixed is not None else None
+    n_chunks = len(fixed) if fixed is not None else None
     while True:
+        at = config
         if fixed is not None:
-            points = fixed[index * size:(index + 1) * size]
+            at, points = fixed[index] if index < len(fixed) else (config, [])
         elif index == 0 and originals(config):  # TPE: the originals first, as one chunk
             points, asked = originals(config), False
         else:  # then batches asked of the sampler
@@ -413,11 +474,18 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
         if done is None:
             echo(f"{what}: {len(points)} configuration(s) x {len(config.seeds)} seed(s)")
             directory = out / rundir.CHECKPOINTS / f"chunk_{index:04d}"
-            done = _train_chunk(config, points, splits, directory, resume=resume,
-                                progress=progress, echo=echo, interrupt=interrupt,
-                                resume_with=resume_with, what=what,
-                                checkpoint_every=checkpoint_every)
-            if jax.process_index() == 0:  # with several hosts, one writes the files
+            done, stack = _train_chunk(at, points, splits, directory, resume=resume,
+                                       progress=progress, echo=echo, interrupt=interrupt,
+                                       resume_with=resume_with, what=what,
+                                       checkpoint_every=checkpoint_every)
+            primary = jax.process_index() == 0  # with several hosts, one writes the files
+            # The models that may be kept, before the chunk counts as done: the originals and
+            # the best so far (the final choice is the best so far when its chunk ends).
+            keep = kept_models({**results, **done})
+            saving.save_stack(out, stack, keep, write=primary)
+            del stack
+            if primary:
+                saving.keep_only(out, keep)
                 save_chunk(path, index, points, done)
                 shutil.rmtree(directory, ignore_errors=True)
         else:
@@ -426,7 +494,7 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
             tpe.tell(points, done)
         results.update(done)
         index += 1
-        more = (index * size < len(fixed)) if fixed is not None else drawn < config.samples
+        more = index < len(fixed) if fixed is not None else drawn < config.samples
         if not more:
             break
         if interrupt:
@@ -470,7 +538,19 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
         r["compile_seconds"] = stack.compile_seconds
         r["train_seconds"] = stack.train_seconds
         r["chunk_seconds"] = seconds
-    return results
+    return results, stack
+
+
+def kept_models(results: Mapping[str, Any]) -> set[str]:
+    """The configurations whose models a sweep keeps: the original variants and the choice
+    among `results` (none while every configuration diverged)."""
+    keep = {name for name in results if original_of(name)}
+    try:
+        keep.add(outcome.select([outcome.VariantResult.from_json(r)
+                                 for r in results.values()]).chosen)
+    except ValueError:
+        pass
+    return keep
 
 
 # --- the choice and its statistics ---------------------------------------------------------------
@@ -487,18 +567,49 @@ def assemble(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("every configuration diverged: lower the learning rates (--lr)"
                           ) from None
     chosen = selection.chosen
-    configurations = {name: {**r, "stats": outcomes[name].stats(), "original": name in VARIANTS}
+    configurations = {name: {**r, "stats": outcomes[name].stats(),
+                             "original": original_of(name) is not None}
                       for name, r in results.items()}
-    # Paired with the chosen: each original variant present (same seeds: same initial
-    # weights, batch order and dropout noise).
-    comparisons = [outcome.compare(outcomes[chosen], outcomes[name]).to_json()
-                   for name in VARIANTS if name in outcomes and name != chosen]
+    for name, alias in grid_aliases(config, results).items():
+        configurations[name]["grid_point"] = alias
+    # Paired with the chosen: each original variant present, of every architecture (same
+    # seeds: the same batch order and dropout noise; the same initial weights within one).
+    pairs = [(chosen, name) for name in outcomes if original_of(name) and name != chosen]
+    # And the best configuration that is no original with its architecture's baseline,
+    # whatever was chosen: is searching worth it?
+    best = next((n for n in selection.ranking if not original_of(n)), None)
+    baseline = None if best is None else next(
+        (n for n in outcomes if original_of(n) == "baseline"
+         and results[n].get("hidden") == results[best].get("hidden")), None)
+    if best is not None and baseline is not None and (best, baseline) not in pairs \
+            and best != chosen:
+        pairs.append((best, baseline))
+    comparisons = [c.to_json() for c in outcome.holm(
+        [outcome.compare(outcomes[a], outcomes[b]) for a, b in pairs])]
     return {"kind": "sweep", "config": config.to_dict(), "configurations": configurations,
+            "best_searched": best,
             "selection": {"configuration": chosen, "on": selection.on, "how": selection.how,
                           "value": selection.values[chosen],
                           "ranking": list(selection.ranking),
                           "excluded_diverged": list(selection.excluded)},
             "comparisons": comparisons}
+
+
+def grid_aliases(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, str]:
+    """Original variants that are also a point of the grid (the baseline: L2 0, dropout 0),
+    trained once under the original's name: original -> the grid point's name."""
+    if config.search != "grid":
+        return {}
+    out = {}
+    for hidden in config.shapes:
+        at = config.at(hidden)
+        named = {effective(p, at): p.name for p in grid(at)}
+        for name, r in results.items():
+            if original_of(name) and tuple(r.get("hidden", config.train.hidden)) == hidden:
+                alias = named.get(effective(outcome.variant_from_json(r["variant"]), at))
+                if alias is not None:
+                    out[name] = alias
+    return out
 
 
 def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
@@ -507,50 +618,78 @@ def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
     return float("nan") if r["diverged"] or on not in r["stats"] else r["stats"][on]["mean"]
 
 
+def _half_width(metrics: Mapping[str, Any], name: str) -> float:
+    """Half-width of the 95% interval of a configuration's mean validation accuracy."""
+    r = metrics["configurations"][name]
+    s = r["stats"].get(metrics["selection"]["on"])
+    if r["diverged"] or s is None or not s.get("std"):
+        return float("nan")
+    return stats.t_quantile_975(s["n"] - 1) * s["std"] / math.sqrt(s["n"])
+
+
 def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[str, str]:
     """Heatmaps (a grid: one per learning rate) or a scatter of the points, and the curves of
     the best five beside the original variants; returns their paths relative to `out`."""
     confs = metrics["configurations"]
     chosen = metrics["selection"]["configuration"]
     n_seeds = len(config.seeds)
-    by_effect = {effective(outcome.variant_from_json(c["variant"]), config): name
+    several = len(config.shapes) > 1
+
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(confs[name].get("hidden", config.train.hidden))
+
+    by_effect = {(shape(name), effective(outcome.variant_from_json(c["variant"]),
+                                         config.at(shape(name)))): name
                  for name, c in confs.items()}
     made = {}
     if config.search == "grid":
-        blocks = [(lr, wd) for lr in config.learning_rate for wd in config.weight_decay]
-        for k, (lr, wd) in enumerate(blocks):
-            cells = [[by_effect.get(effective(point(config, l2, d, lr, wd), config))
+        blocks = [(hidden, lr, wd) for hidden in config.shapes for lr in config.learning_rate
+                  for wd in config.weight_decay]
+        for k, (hidden, lr, wd) in enumerate(blocks):
+            at = config.at(hidden)
+            cells = [[by_effect.get((hidden, effective(point(at, l2, d, lr, wd), at)))
                       for d in config.dropout] for l2 in config.l2]
             values = np.array([[_mean_val(metrics, n) if n else np.nan for n in row]
                                for row in cells])
             where = {n: (i, j) for i, row in enumerate(cells) for j, n in enumerate(row) if n}
-            marks = {n: ij for n, ij in where.items() if n in VARIANTS}
-            off = [n for n in VARIANTS if n in confs and n not in marks
+            marks = {original_of(n): ij for n, ij in where.items() if original_of(n)}
+            off = [n for n in confs if original_of(n) and shape(n) == hidden
+                   and original_of(n) not in marks
                    and confs[n]["variant"]["learning_rate"] == lr and not wd]
             note = "\noff the grid: " + ", ".join(
-                f"{n} {_mean_val(metrics, n):.2%}" for n in off) if off else ""
+                f"{original_of(n)} {_mean_val(metrics, n):.2%}" for n in off) if off else ""
+            half = np.array([[_half_width(metrics, n) if n else np.nan for n in row]
+                             for row in cells])
+            base = next((n for n in confs if original_of(n) == "baseline"
+                         and shape(n) == hidden), None)
             made[f"sweep_heatmap_{k}"] = ("sweep_heatmap", (config.l2, config.dropout, values), {
                 "n_seeds": n_seeds, "chosen": where.get(chosen), "marks": marks,
-                "title": f"learning rate {lr:g}"
+                "centre": None if base is None else _mean_val(metrics, base),
+                "half_widths": half if n_seeds > 1 else None,
+                "title": (f"{arch_name(hidden)}: " if several else "")
+                         + f"learning rate {lr:g}"
                          + (f", weight decay {wd:g}" if any(config.weight_decay) else "")
                          + note})
     else:
-        names = [n for n in confs if n not in VARIANTS]
-        v = [confs[n]["variant"] for n in names]
-        chosen_index = names.index(chosen) if chosen in names else 0
-        made["sweep_points"] = ("sweep_scatter", (
-            [x["l2"] for x in v], [x["dropout"] for x in v], [x["learning_rate"] for x in v],
-            [_mean_val(metrics, n) for n in names]), {
-            "n_seeds": n_seeds, "chosen": chosen_index,
-            "title": f"{config.search} search: {len(names)} points"
-                     + ("" if chosen in names else f" (chosen: {chosen}, an original)")})
+        for k, hidden in enumerate(config.shapes):
+            names = [n for n in confs if not original_of(n) and shape(n) == hidden]
+            v = [confs[n]["variant"] for n in names]
+            chosen_index = names.index(chosen) if chosen in names else 0
+            key = f"sweep_points_{k}" if several else "sweep_points"
+            made[key] = ("sweep_scatter", (
+                [x["l2"] for x in v], [x["dropout"] for x in v], [x["learning_rate"] for x in v],
+                [_mean_val(metrics, n) for n in names]), {
+                "n_seeds": n_seeds, "chosen": chosen_index,
+                "title": (f"{arch_name(hidden)}: " if several else "")
+                         + f"{config.search} search: {len(names)} points"
+                         + ("" if chosen in names else f" (chosen: {chosen})")})
     best = metrics["selection"]["ranking"][:5]
-    shown = best + [n for n in VARIANTS if n in confs and n not in best]
+    shown = best + [n for n in confs if original_of(n) and n not in best]
     on = metrics["selection"]["on"]
     made["sweep_curves"] = ("top_curves", (
         {n: np.mean([[np.nan if x is None else x for x in r["history"][on]]
                      for r in confs[n]["runs"]], axis=0) for n in shown},), {
-        "n_seeds": n_seeds, "references": [n for n in VARIANTS if n not in best]})
+        "n_seeds": n_seeds, "references": [n for n in shown if original_of(n)]})
     return draw_figures(made, out, None)
 
 
@@ -564,7 +703,7 @@ def table_csv(metrics: Mapping[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["name", "l2", "l2_layers", "dropout", "dropout_layers", "learning_rate", "n",
                 "val_accuracy_mean", "val_accuracy_sd", "test_accuracy_mean",
-                "test_accuracy_sd", "diverged", "chosen", "weight_decay"])
+                "test_accuracy_sd", "diverged", "chosen", "weight_decay", "hidden"])
     on = metrics["selection"]["on"]
     for name, c in metrics["configurations"].items():
         v, s = c["variant"], c["stats"]
@@ -573,7 +712,8 @@ def table_csv(metrics: Mapping[str, Any]) -> str:
                     "+".join(v["dropout_layers"]), v["learning_rate"], len(c["runs"]),
                     val.get("mean", ""), val.get("std") or "", test.get("mean", ""),
                     test.get("std") or "", bool(c["diverged"]),
-                    name == metrics["selection"]["configuration"], v.get("weight_decay", 0.0)])
+                    name == metrics["selection"]["configuration"], v.get("weight_decay", 0.0),
+                    arch_name(c.get("hidden", metrics["config"]["train"]["hidden"]))])
     return buf.getvalue()
 
 
@@ -606,6 +746,8 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
         t_start = time.perf_counter()
         mnist = load_mnist(data_dir)
         echo(f"data: MNIST from {mnist.source} ({mnist.origin}), verified")
+        if note := runtime.bfloat16_note(config.train.dtype):
+            echo(note)
         splits = fit.prepare(mnist, config.train.validation_split)
 
         def saved() -> tuple[dict[str, Any], str]:
@@ -634,7 +776,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
                     if tensorboard:
                         tb.write(out / tb.DIRECTORY,
                                  {n: c["runs"] for n, c in metrics["configurations"].items()},
-                                 hparams={n: _hparams(c["variant"])
+                                 hparams={n: _hparams(c["variant"], c.get("hidden", ()))
                                           for n, c in metrics["configurations"].items()})
                     metrics["timing"]["wall_seconds"] = time.perf_counter() - t_start
                     report.write_sweep(out, metrics)
@@ -643,9 +785,10 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
     return metrics
 
 
-def _hparams(variant: Mapping[str, Any]) -> dict[str, Any]:
+def _hparams(variant: Mapping[str, Any], hidden: Sequence[int]) -> dict[str, Any]:
     """A configuration's values for the HParams dashboard (numbers and strings only)."""
-    return {"l2": variant["l2"], "l2_layers": "+".join(variant["l2_layers"]) or "none",
+    return {"hidden": arch_name(hidden), "l2": variant["l2"],
+            "l2_layers": "+".join(variant["l2_layers"]) or "none",
             "dropout": variant["dropout"],
             "dropout_layers": "+".join(variant["dropout_layers"]) or "none",
             "learning_rate": variant["learning_rate"],

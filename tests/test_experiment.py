@@ -34,7 +34,8 @@ def check_png(path):
 def test_experiment_writes_every_file(one_epoch):
     out, done = one_epoch
     names = list(VARIANTS)
-    expected = ({"report.md", "metrics.json", "run.json", "figures", "checkpoints", ".lock"}
+    expected = ({"report.md", "metrics.json", "run.json", "figures", "checkpoints", "models",
+                 ".lock"}
                 | {f"history_{n}.csv" for n in names})
     assert {p.name for p in out.iterdir()} == expected
     figures = {p.stem for p in (out / "figures").iterdir()}
@@ -61,7 +62,8 @@ def test_metrics_json_contract(one_epoch, mnist):
     assert metrics["model"]["parameters"] == 269322
     timing = metrics["timing"]
     parts = timing["parts_seconds"]
-    assert set(parts) == {"load_data", "init", "eda", "prepare", "fit", "evaluate", "figures"}
+    assert set(parts) == {"load_data", "init", "eda", "prepare", "fit", "evaluate",
+                          "save_models", "figures"}
     assert all(v > 0 for v in parts.values())
     # Compilation (the initialiser's in init, the epoch's in fit) and training lie in those
     # two parts; the run's own parts fit in its wall time.

@@ -2,6 +2,7 @@
 every setting before any work, and writes that never leave half a file."""
 
 import ast
+import dataclasses
 import errno
 import importlib
 import json
@@ -446,7 +447,15 @@ BAD_SETTINGS = [
     ("sweep", ("--weight-decay-on", "kernels"),
      "--weight-decay-on kernels changes nothing without a --weight-decay above 0"),
     ("experiment", ("--hidden", "256,256", "--hidden", "512,512"),
-     "--hidden given 2 times (256,256 512,512): a run trains one architecture"),
+     "--hidden given 2 times (256,256 512,512): a run trains one architecture; compare "
+     "several with mnist-jax sweep"),
+    ("sweep", ("--hidden", "64", "--hidden", "32", "--hidden", "64"),
+     "--hidden 64 --hidden 32 --hidden 64: an architecture is given twice"),
+    ("sweep", ("--search", "tpe", "--hidden", "64", "--hidden", "32"),
+     "--search tpe sweeps one architecture; use --search grid or random"),
+    ("sweep", ("--hidden", "64", "--hidden", "32,0"), "--hidden 32,0 must be 1 to 8 widths"),
+    ("sweep", ("--hidden", "64,64", "--hidden", "32", "--l2-layers", "hidden_2"),
+     "--l2-layers hidden_2 (architecture 32): name one or more of hidden_1,output"),
     ("experiment", ("--weight-decay-on", "biases"),
      "--weight-decay-on 'biases' must be one of 'all', 'kernels'"),
     ("sweep", ("--weight-decay", "0,x"),
@@ -517,6 +526,35 @@ BAD_SETTINGS = [
     ("sweep", ("--resume", "{run}"),
      "holds a run of `mnist-jax experiment`; resume it with: mnist-jax experiment --resume"),
     ("experiment", ("--resume", "{garbled}"), "run.json is unreadable (Expecting property name"),
+    # predict, evaluate, export: a finished run's models
+    ("predict", ("--run", "{file}", "{file}"), "is not a directory; give a run's directory "
+                                               "(the --out of"),
+    ("predict", ("--run", "{finished}", "--variant", "nope", "{file}"),
+     "--variant nope: the run in"),
+    ("predict", ("--run", "{finished}", "--seed", "x", "{file}"), "--seed 'x' must be an "
+                                                                  "integer"),
+    ("predict", ("--run", "{finished}", "--seed", "9", "{file}"),
+     "has seeds 0; choose one of them"),
+    ("predict", ("--run", "{finished}", "--invert", "maybe", "{file}"),
+     "--invert 'maybe' must be one of 'auto', 'yes', 'no'"),
+    ("evaluate", ("--run", "{run}"), "is not finished (status: interrupted); finish it with: "
+                                     "mnist-jax experiment --resume"),
+    ("evaluate", ("--run", "{finished}", "--variant", "nope"), "--variant nope: the run in"),
+    ("evaluate", ("--run", "{finished}", "--seed", "9"), "--seed 9: the run in"),
+    ("evaluate", ("--run", "{finished}", "--data-dir", "{file}"),
+     "is not a directory; pass a directory to --data-dir"),
+    ("export", ("--run", "{finished}", "--format", "tflite", "--out", "{out}"),
+     "--format 'tflite' must be one of 'keras', 'onnx', 'jax'"),
+    ("export", ("--run", "{finished}", "--format", "jax", "--out", "{file}"),
+     "exists; choose another --out or add --overwrite"),
+    ("export", ("--run", "{finished}", "--format", "jax", "--out", "{run}"),
+     "is a directory; give the file to write"),
+    ("export", ("--run", "{garbled}", "--format", "jax", "--out", "{out}"),
+     "garbled/run.json is unreadable"),
+    ("export", ("--run", "{finished}", "--variant", "nope", "--format", "jax", "--out",
+                "{out}"), "--variant nope: the run in"),
+    ("export", ("--run", "{finished}", "--seed", "9", "--format", "jax", "--out", "{out}"),
+     "--seed 9: the run in"),
     # data.check_data_dir
     ("experiment", ("--data-dir", "/nonexistent/mnist"),
      "data directory /nonexistent/mnist does not exist"),
@@ -557,6 +595,8 @@ UNREACHABLE = [
      "rundir.exclusive has just made the directory and its lock, or refused it"),
     ("sweep", "SweepConfig.validate", "--search {self.search!r}", "argparse's choices"),
     ("sweep", "SweepConfig.validate", "needs Optuna", "Optuna is installed with the tests"),
+    ("sweep", "SweepConfig.validate", "must begin with", "the CLI makes the first --hidden "
+     "train.hidden"),
 ]
 # Where the meta-test looks for raise sites: each module, all of it or one function.
 SCOPE = {"config": "", "cli": "", "experiment": "", "rundir": "", "sweep": "SweepConfig.validate",
@@ -580,6 +620,14 @@ def run_bad_setting(tmp_path, capsys, monkeypatch, command, args, message):
         files.write_json(places[name] / "run.json", {"config": config.to_dict(),
                                                      "command": command_of,
                                                      "status": "interrupted"})
+    places["finished"] = finished = tmp_path / "finished"
+    finished.mkdir()
+    files.write_json(finished / "run.json", {
+        "config": ExperimentConfig(variants=("baseline",)).to_dict(), "command": "experiment",
+        "status": "complete"})
+    files.write_json(finished / "metrics.json", {"best_variant": "baseline", "variants": {
+        "baseline": {"variant": dataclasses.asdict(VARIANTS["baseline"]), "runs": [
+            {"seed": 0, "history": {"val_accuracy": [0.9]}, "test": {"accuracy": 0.9}}]}}})
     places["garbled"].mkdir()
     (places["garbled"] / "run.json").write_text("{")
     places["unreadable"].mkdir()
@@ -590,8 +638,10 @@ def run_bad_setting(tmp_path, capsys, monkeypatch, command, args, message):
         args = tuple(a.replace(f"{{{name}}}", str(path)) for a in args)
     # Every row of train, experiment and sweep: the compilation cache, once on, would stay on
     # for every later test (the rows with their own --out or --resume turned it on).
-    extra = () if command in ("data", "eda") else ("--no-compilation-cache",)
-    if command != "data" and "--out" not in args and "--resume" not in args:
+    trains = command in ("train", "experiment", "sweep")
+    extra = ("--no-compilation-cache",) if trains else ()
+    if command in ("eda", "train", "experiment", "sweep") and "--out" not in args \
+            and "--resume" not in args:
         extra += ("--out", out)
     before = snapshot(tmp_path)
     made = errors_made(monkeypatch)
@@ -705,7 +755,8 @@ def test_every_flag_that_takes_a_value_has_a_bad_value_case():
     # A flag and its aliases (--placement, --schedule) are one action: a row for either.
     missing = [(name, action.option_strings[0]) for name, parser in commands.items()
                for action in parser._actions
-               if action.nargs != 0 and action.option_strings[0].startswith("--")
+               if action.nargs != 0 and action.option_strings  # not FILE...
+               and action.option_strings[0].startswith("--")
                and not {(name, flag) for flag in action.option_strings} & (covered | NO_BAD_VALUE)]
     assert not missing, missing
 

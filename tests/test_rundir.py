@@ -26,6 +26,8 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
             f"--resume {out} is in use by another run (pid {os.getpid()} on "
             f"{socket.gethostname()}, since {holder['since']}); wait for it to finish or stop "
             "it, or choose another --resume")
+        assert json.loads((out / rundir.LOCK_FILE).read_text()) == holder  # as it was
+    assert (out / rundir.LOCK_FILE).read_text() == ""  # no stale record once released
     with rundir.exclusive(out):  # released with its holder
         pass
 

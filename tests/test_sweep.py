@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_jax import fit, kernels, optim, placement, programs, stacks, sweep
+from mnist_jax import fit, kernels, optim, placement, programs, saving, stacks, sweep
 from mnist_jax.config import VARIANTS, TrainConfig, Variant
 
 from test_cli import run_main
@@ -198,8 +198,17 @@ def test_a_sweep_writes_its_choice_statistics_and_figures(swept):
     assert saved["selection"]["configuration"] == max(means, key=means.get)
     assert all(len(c["runs"]) == 2 and c["stats"]["test_accuracy"]["n"] == 2
                for c in confs.values())
-    assert [c["b"] for c in saved["comparisons"]] == [
-        n for n in VARIANTS if n != saved["selection"]["configuration"]]
+    chosen = saved["selection"]["configuration"]
+    best = max((n for n in confs if n not in VARIANTS), key=means.get)
+    assert saved["best_searched"] == best
+    # The chosen against every other original, then the best non-original against the
+    # baseline, unless it is the chosen.
+    assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [
+        (chosen, n) for n in VARIANTS if n != chosen] + (
+        [(best, "baseline")] if best != chosen else [])
+    # A sweep keeps the models of the originals and of its choice, no others.
+    assert {(e["variant"], e["seed"]) for e in saving.read_index(out)} == {
+        (n, s) for n in {*VARIANTS, chosen} for s in (0, 1)}
     report = (out / "report.md").read_text()
     assert f"**Chosen: `{saved['selection']['configuration']}`**" in report
     assert "the test set was not used to choose" in report
@@ -401,3 +410,72 @@ def test_resuming_with_the_wrong_command_names_the_right_one(swept, tmp_path, ca
     (experiment_run / "run.json").write_text(json.dumps({"command": "train", "config": {}}))
     done = run_main(capsys, "sweep", "--resume", experiment_run, check=False)
     assert done.returncode == 2 and "resume it with: mnist-jax train --resume" in done.stderr
+
+
+def test_a_sweep_over_architectures_trains_each_shape_as_its_own_sweep(small, tmp_path):
+    """Two shapes: a stack per shape (no chunk mixes them), every configuration and original
+    at each, named by its shape, and each shape's models bit for bit those of a sweep of that
+    shape alone; one choice over both; the chosen compared with the originals of both."""
+    both = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0,), seeds=(0, 1), chunk=3,
+                             train=TrainConfig(epochs=1, hidden=(16,)),
+                             architectures=((16,), (24, 8)))
+    results = sweep.run_sweep(both, small, tmp_path / "both", progress=False,
+                              echo=lambda _: None)
+    names = [f"{a} {n}" for a in ("16", "24-8") for n in
+             ("baseline", "l2", "dropout", "l2_dropout", "l2=0.0001 dropout=0 lr=0.001")]
+    assert list(results) == names
+    for name, r in results.items():
+        assert r["hidden"] == ([16] if name.startswith("16 ") else [24, 8])
+    for path in sorted((tmp_path / "both" / "chunks").glob("*.json")):
+        shapes = {p.split(" ")[0] for p in json.loads(path.read_text())["points"]}
+        assert len(shapes) == 1, path
+    alone = sweep.run_sweep(both.at((24, 8)), small, tmp_path / "alone", progress=False,
+                            echo=lambda _: None)
+    for name, r in alone.items():
+        assert results[f"24-8 {name}"]["runs"] == r["runs"], name
+    metrics = sweep.assemble(both, results)
+    chosen = metrics["selection"]["configuration"]
+    assert chosen == max(names, key=lambda n: np.mean(
+        [run["history"]["val_accuracy"][-1] for run in results[n]["runs"]]))
+    compared = {c["b"] for c in metrics["comparisons"]}
+    assert compared == {n for n in names[:4] + names[5:9] if n != chosen}
+    assert sweep.original_of("24-8 l2_dropout") == "l2_dropout"
+    assert sweep.original_of("24-8 l2=0.0001 dropout=0 lr=0.001") is None
+
+
+def test_the_best_searched_point_is_compared_with_the_baseline_even_when_not_chosen():
+    """The baseline is chosen on validation; the best point that is no original is still
+    compared with it, and every p-value is Holm-adjusted over the comparisons reported."""
+    base = [0.981, 0.979, 0.983, 0.983]
+    x = [0.978, 0.977, 0.979, 0.980]
+    y = [0.970, 0.972, 0.971, 0.969]
+    results = {"baseline": _result("baseline", base, base), "x": _result("x", x, x),
+               "y": _result("y", y, y), "dropout": _result("dropout", y, base)}
+    metrics = sweep.assemble(sweep.SweepConfig(), results)
+    assert metrics["selection"]["configuration"] == "baseline"
+    pairs = [(c["a"], c["b"]) for c in metrics["comparisons"]]
+    assert pairs == [("baseline", "dropout"), ("x", "baseline")]
+    p = [c["p"] for c in metrics["comparisons"]]
+    low, high = sorted(p)  # Holm for two by hand: the smaller times 2, then the larger
+    by_hand = {low: min(1, 2 * low), high: min(1, max(2 * low, high))}
+    assert [c["p_holm"] for c in metrics["comparisons"]] == pytest.approx(
+        [by_hand[x] for x in p])
+
+
+def test_a_sweep_keeps_only_the_models_of_its_choice_as_the_best_moves(small, tmp_path):
+    """Chunks of one, learning rates rising (the best so far moves from chunk to chunk at one
+    epoch): the models kept at the end are the choice's, every seed, none of those it beat."""
+    config = sweep.SweepConfig(l2=(0.0,), dropout=(0.0,), learning_rate=(1e-4, 1e-3, 3e-3),
+                               seeds=(0, 1), originals=False, chunk=1,
+                               train=TrainConfig(epochs=1))
+    said = []
+    results = sweep.run_sweep(config, small, tmp_path, progress=False, echo=said.append)
+    chosen = sweep.assemble(config, results)["selection"]["configuration"]
+    assert chosen != next(iter(results))  # the best did move (else this tests nothing)
+    assert {(e["variant"], e["seed"]) for e in saving.read_index(tmp_path)} == {
+        (chosen, 0), (chosen, 1)}
+    kept = sorted(p.relative_to(tmp_path / "models").as_posix()
+                  for p in (tmp_path / "models").rglob("*.safetensors"))
+    assert kept == [f"{saving.slug(chosen)}/seed_{s}.safetensors" for s in (0, 1)]
+    model = saving.load_model(tmp_path / "models" / kept[1])
+    assert model.seed == 1 and model.variant.name == chosen and model.hidden == (256, 256)
