@@ -234,3 +234,19 @@ def test_cli_predict_reads_digits_drawn_as_people_draw_them(study, tmp_path, cap
     expected = np.argmax(probabilities[sure], -1)
     for line, path, digit in zip(lines, paths, expected, strict=True):
         assert line.startswith(f"{path}: {digit} (")
+
+
+def test_the_readmes_python_example_runs(study, mnist, tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Your trained models", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    script = (block.replace('"runs/study"', repr(str(study)))
+              .replace("load_mnist()", f"load_mnist({str(mnist.cache_dir)!r})")
+              .replace('"dropout", 0', '"dropout", 3').replace("seed=0", "seed=3"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env=cli_env())
+    assert done.returncode == 0, done.stderr
+    assert "'loss'" in done.stdout and "'accuracy'" in done.stdout
