@@ -14,6 +14,8 @@ from pathlib import Path
 from mnist_jax.config import (
     DROPOUT_RNGS,
     DTYPES,
+    EXPORT_FORMATS,
+    INVERT,
     LOSS_FORMS,
     MATMUL_PRECISIONS,
     MAX_DEPTH,
@@ -278,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "in [0, 1]) are taken as already in MNIST's convention.")
     _model_flags(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or .npy files")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+    p.add_argument("--invert", choices=tuple(INVERT), default="auto",
                    help="image files: make a dark digit on light paper white on black "
-                        "(auto: when the image's border is light; default auto)")
+                        "(default auto). " + "; ".join(f"{k}: {v}" for k, v in INVERT.items()))
     p.add_argument("--json", action="store_true",
                    help="one JSON object per input on stdout, for scripts")
     p.set_defaults(func=cmd_predict)
@@ -301,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "jax (a serialized jax.export function of the probabilities, any "
                        "batch size, needing only jax to run). Always float32.")
     _model_flags(p)
-    p.add_argument("--format", required=True, choices=("keras", "onnx", "jax"),
-                   help="the file's format")
+    p.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS),
+                   help="the file's format. " + "; ".join(
+                       f"{k}: {v}" for k, v in EXPORT_FORMATS.items()))
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)

@@ -41,6 +41,19 @@ WEIGHT_DECAY_ON: Mapping[str, str] = types.MappingProxyType({
     "all": "every kernel and bias, as Keras's AdamW does by default",
     "kernels": "the kernels only (Keras: exclude_from_weight_decay(var_names=['bias']))",
 })
+# `predict`'s image files: when to make a dark digit on light paper white on black.
+INVERT: Mapping[str, str] = types.MappingProxyType({
+    "auto": "when the image's border (its paper) is lighter than its mid-range",
+    "yes": "always",
+    "no": "never: the image is a light digit on dark already",
+})
+# `export`'s formats (mnist_jax.export.FORMATS writes them).
+EXPORT_FORMATS: Mapping[str, str] = types.MappingProxyType({
+    "keras": "a .keras file: Keras 3's own Sequential, softmax output (the keras extra)",
+    "onnx": "ONNX from jax2onnx: images (N, 784) -> probabilities (N, 10) (the onnx extra)",
+    "jax": "a serialized jax.export function of the probabilities, any batch size; needs "
+           "only JAX to run",
+})
 DROPOUT_RNGS: Mapping[str, str] = types.MappingProxyType({
     "hash": "a counter-based hash keyed by the explicit key (cheap on CPU)",
     "threefry": "jax.random.bits",

@@ -18,10 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mnist_jax import preprocessing
+from mnist_jax.config import INVERT
 from mnist_jax.errors import ConfigError
 
 Invert = Literal["auto", "yes", "no"]
-INVERT_CHOICES = ("auto", "yes", "no")
+INVERT_CHOICES = tuple(INVERT)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ACCEPTED = ("PNG or JPEG images of any size, or .npy arrays of shape (N, 28, 28), (28, 28), "
             "(N, 784) or (784,), uint8 0..255 or float in [0, 1]")

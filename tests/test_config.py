@@ -39,3 +39,11 @@ def test_two_variants_of_one_name_are_refused_by_name():
                                          ("0,2,5-6", (0, 2, 5, 6))])
 def test_parse_seeds(text, seeds):
     assert parse_seeds(text) == seeds
+
+
+def test_the_clis_tables_name_what_the_library_does():
+    """The CLI's choices come from config's tables; the modules that do the work agree."""
+    from mnist_jax import config, export, inputs
+
+    assert tuple(config.EXPORT_FORMATS) == tuple(export.FORMATS)
+    assert inputs.INVERT_CHOICES == tuple(config.INVERT) == ("auto", "yes", "no")
