@@ -81,10 +81,16 @@ def replays() -> dict:
 
 def make(out: Path, which: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    import mnist_jax
+
+    print(f"code: {Path(mnist_jax.__file__).parent}", flush=True)
     result = {}
     for name in which:
         run_dir = out / name
-        cmd = ["mnist-jax", *RUNS[name], "--out", str(run_dir), "--overwrite", "--quiet"]
+        # `-m` from the working directory, which Python puts first on sys.path: the code of
+        # this tree, also where another tree's package is installed (editable) in the venv.
+        cmd = [sys.executable, "-m", "mnist_jax.cli", *RUNS[name], "--out", str(run_dir),
+               "--overwrite", "--quiet"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         result[name] = fingerprint_run(run_dir)

@@ -104,12 +104,34 @@ def device() -> dict[str, Any]:
             "device_count": jax.device_count()}
 
 
+def provenance() -> dict[str, Any]:
+    """When, and which code: the date and the git commit of this tree (with `+dirty` when it
+    has changes), so that a table row can say what it measured."""
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"date": datetime.date.today().isoformat(), "commit": commit}
+
+
 class Results:
     """Records of one benchmark run, each tagged with the device it ran on."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self.environment = runtime.environment()
+        self.environment = {**runtime.environment(), **provenance()}
 
     def add(self, name: str, **fields: Any) -> dict[str, Any]:
         record = {"name": name, **device(), **fields}

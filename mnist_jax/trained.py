@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax import results, rundir, saving
+from mnist_jax import results as outcome
+from mnist_jax import rundir, saving
 from mnist_jax.errors import ConfigError
 
 History = Mapping[str, list[float]]
@@ -34,7 +35,7 @@ class TrainedRun:
     directory: Path
     command: str  # the one that made it: train, experiment or sweep
     config: Any  # ExperimentConfig or SweepConfig
-    results: tuple[results.VariantResult, ...]
+    results: tuple[outcome.VariantResult, ...]
     chosen: str
     _models: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -54,7 +55,7 @@ class TrainedRun:
             return tuple((v, s) for v in self.variants for s in self.seeds)
         return tuple((e["variant"], e["seed"]) for e in entries)
 
-    def result(self, variant: str | None = None) -> results.VariantResult:
+    def result(self, variant: str | None = None) -> outcome.VariantResult:
         """A variant's runs (default: the chosen one's)."""
         name = self.chosen if variant is None else variant
         for r in self.results:
@@ -63,7 +64,7 @@ class TrainedRun:
         raise ConfigError(f"variant {name!r} is not in the run in {self.directory}; it has "
                           f"{_listing(self.variants)}")
 
-    def _run(self, variant: str | None, seed: int | None) -> results.Run:
+    def _run(self, variant: str | None, seed: int | None) -> outcome.Run:
         r = self.result(variant)
         seed = self.seeds[0] if seed is None else seed
         for run in r.runs:
@@ -233,7 +234,7 @@ def load_run(directory: str | Path) -> TrainedRun:
             config = ExperimentConfig.from_dict(record["config"])
             found = metrics["variants"]
             chosen = metrics["best_variant"]
-        outcomes = tuple(results.VariantResult.from_json(r) for r in found.values())
+        outcomes = tuple(outcome.VariantResult.from_json(r) for r in found.values())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{metrics_path} is unreadable or damaged ({type(e).__name__}: {e}); "
                           f"run it again with --overwrite") from None

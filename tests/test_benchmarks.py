@@ -131,3 +131,27 @@ def test_ab_runs_each_version_s_own_code_cold_then_warm(mnist, tmp_path):
                                       "warm/this tree"}
     assert "mnist-jax-ab-" not in subprocess.run(["git", "-C", str(ROOT), "worktree", "list"],
                                                  capture_output=True, text=True).stdout
+
+
+def test_the_speed_table_is_the_one_its_results_make(tmp_path):
+    """README and docs/benchmarks.md show the table benchmarks.table renders from the
+    results files (a hand-edited number fails here); a new results file adds its row."""
+    import json
+    import shutil
+
+    from benchmarks import table
+
+    rendered = table.render()
+    root = table.ROOT
+    assert rendered in (root / "README.md").read_text()
+    assert rendered in (root / "docs" / "benchmarks.md").read_text()
+    # A row's ratio is the peer's process over our cold one, from the file: by hand.
+    zen5 = json.loads((root / "docs" / "benchmarks-zen5-process.json").read_text())["records"]
+    ours = next(r["process_wall_s"] for r in zen5 if r.get("run") == "cold_cache")
+    keras = next(r["process_wall_s"] for r in zen5 if r.get("stack") == "keras-jax")
+    assert f"**{keras / ours:.2f}x**" in rendered.splitlines()[2]
+    manifest = tmp_path / "speed.json"
+    shutil.copy(table.MANIFEST, manifest)
+    row = table.add_row(root / "docs" / "benchmarks-h200.json", "a GPU", manifest)
+    assert row["files"] == ["docs/benchmarks-h200.json"]
+    assert "| a GPU |" in table.render(manifest)
