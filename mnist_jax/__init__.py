@@ -32,7 +32,8 @@ _EXPORTS = {
 }
 _MODULES = ("data", "preprocessing", "inputs", "config", "model", "kernels", "optim", "steps",
             "placement", "programs", "stacks", "fit", "results", "plots", "report", "experiment",
-            "rundir", "checkpoint", "stats", "runtime", "sweep", "tensorboard")
+            "rundir", "checkpoint", "stats", "runtime", "sweep", "tensorboard", "saving",
+            "trained", "export")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

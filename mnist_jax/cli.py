@@ -625,9 +625,11 @@ def cmd_predict(args) -> int:
         digit = int(np.argmax(p))
         if args.json:
             print(json.dumps({"input": x.name, "digit": digit, "probability": float(p[digit]),
-                              "probabilities": [round(float(q), 6) for q in p]}))
-        else:
-            print(f"{x.name}: {digit} ({p[digit]:.1%})")
+                              "probabilities": [round(float(q), 6) for q in p],
+                              "inverted": x.inverted}))
+        else:  # what was done to an image file, so that a wrong guess is seen
+            done = {True: ", inverted", False: ""}.get(x.inverted, "")
+            print(f"{x.name}: {digit} ({p[digit]:.1%}{done})")
     return 0
 
 
@@ -666,7 +668,10 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--out {args.out} exists; choose another --out or add --overwrite")
     run = _loaded(args.run)
     model = run.model(*_pick(run, args.variant, args.seed))
-    export.FORMATS[args.format][0](model.params, args.out)
+    try:
+        export.FORMATS[args.format].export(model.params, args.out)
+    except OSError as e:
+        raise WriteError(f"--out {args.out}: {e.strerror or e}; nothing was written") from None
     _say(args.quiet)(f"{model.variant.name} (seed {model.seed}) of {args.run} -> {args.out} "
                      f"({args.format})")
     return 0

@@ -366,7 +366,8 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
             if tensorboard and primary:  # each epoch's scalars as it ends, to watch the run
                 from mnist_jax import tensorboard as tb
 
-                live = tb.Live(out / tb.DIRECTORY, resumed_after=stack.epochs_done)
+                live = tb.Live(out / tb.DIRECTORY,
+                               resumed_after=stack.epochs_done if resume else None)
                 held.callback(live.close)
                 on_epoch_end = _then(live.epoch, on_epoch_end)
             try:

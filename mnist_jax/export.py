@@ -115,6 +115,10 @@ def to_keras(params: Params, path: str | os.PathLike) -> Path:
                               keras.layers.Dense(sizes[-1], activation="softmax", name="output")],
                              name="mnist_mlp")
     model.set_weights([weights[name][k] for name in names for k in ("kernel", "bias")])
+    # Compiled as the original study's model, so that load_model(path).evaluate(x, y_one_hot)
+    # works as it did there; its Adam built (fresh slots), as load_model restores one only so.
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)
     with files.atomic_path(path) as tmp:
         model.save(tmp)
     return path

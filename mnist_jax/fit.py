@@ -22,6 +22,7 @@ from mnist_jax.config import VARIANTS, TrainConfig, Variant
 from mnist_jax.data import MNIST
 from mnist_jax.errors import ConfigError, TrainingDiverged
 from mnist_jax.model import MLP
+from mnist_jax.preprocessing import check_images, check_labels
 from mnist_jax.progress import ProgressBar
 from mnist_jax.stacks import HISTORY_KEYS, History, Splits, Stack, new_stack, prepare
 from mnist_jax.steps import DIVERGED_CROSS_ENTROPY, EpochMetrics, TrainState, steps_per_epoch
@@ -185,8 +186,6 @@ def evaluate(model: MLP | Stack, *args, variant: str | None = None, seed: int | 
     `images` (N, 784) or (N, 28, 28), uint8 (scaled by 1/255) or floats in [0, 1]; `labels`
     (N,) integers 0..9 or one-hot (N, 10). `loss` defaults to 'logits', or the stack's.
     """
-    from mnist_jax.inputs import check_images, check_labels
-
     if isinstance(model, Stack):
         stack = model
         if len(args) != 2 or variant is None or seed is None:
@@ -195,7 +194,9 @@ def evaluate(model: MLP | Stack, *args, variant: str | None = None, seed: int | 
                               f"and seed ({', '.join(map(str, stack.seeds))})")
         v = stack_names(stack).index(_known(variant, stack_names(stack), "variant"))
         s = stack.seeds.index(_known(seed, stack.seeds, "seed"))
-        state = jax.tree.map(lambda a: a[s, v], placement.to_host(stack.state))
+        # That model alone off the devices, not the stack with its optimizer states.
+        state = placement.to_host(programs.model_of(
+            stack.state.replace(opt_state=None), s, v))
         model, loss = stack.model, stack.config.loss if loss is None else loss
         images, labels = args
     else:
@@ -251,8 +252,6 @@ def predict(model: MLP, params, images: np.ndarray, *, batch_size: int = 2000,
             mesh=None) -> np.ndarray:
     """Predicted class of each image, in inference mode, a chunk at a time. `images` (N, 784)
     or (N, 28, 28), uint8 (scaled by 1/255) or floats in [0, 1]."""
-    from mnist_jax.inputs import check_images
-
     images = check_images(images)
     params = placement.put(params, mesh)
     chunks = [_predict(model, params, placement.put(images[i:i + batch_size], mesh))

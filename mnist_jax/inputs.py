@@ -17,9 +17,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from mnist_jax import preprocessing
 from mnist_jax.config import INVERT
 from mnist_jax.errors import ConfigError
+from mnist_jax.preprocessing import check_images, check_labels, pixels_in_unit
+
+__all__ = ["Input", "check_images", "check_labels", "load_inputs", "to_mnist"]
 
 Invert = Literal["auto", "yes", "no"]
 INVERT_CHOICES = tuple(INVERT)
@@ -108,69 +110,10 @@ def to_mnist(gray: np.ndarray, invert: Invert = "auto") -> np.ndarray:
     if gray.ndim != 2:
         raise ConfigError(f"to_mnist takes one grayscale image (H, W), not shape {gray.shape}; "
                           "convert colour images to grayscale first")
-    return _convert(_to_unit(gray, "the image"), invert)[0]
-
-
-def check_images(images: np.ndarray) -> np.ndarray:
-    """Images for predict or evaluate, (N, 784) or (N, 28, 28), uint8 0..255 or float in
-    [0, 1] -> (N, 784) float32 in [0, 1].
-
-    One image alone, (784,) or (28, 28), is refused rather than given a batch axis, so that
-    the output has one row per row given: pass `image[None]`.
-    """
-    images = np.asarray(images)
-    if images.ndim not in (2, 3) or images.shape[1:] not in ((784,), (28, 28)) or not len(images):
-        single = images.shape in ((784,), (28, 28))
-        raise ConfigError(f"images of shape {images.shape}: give (N, 784) or (N, 28, 28) with "
-                          "N >= 1" + ("; for one image, pass image[None]" if single else ""))
-    return _to_unit(images, "images").reshape(len(images), -1)
-
-
-def check_labels(labels: np.ndarray, n: int) -> np.ndarray:
-    """Labels for `n` images, integer classes (N,) in 0..9 or one-hot rows (N, 10) (float or
-    integer, exactly one 1 per row) -> (N, 10) float32 one-hot."""
-    labels = np.asarray(labels)
-    integer = np.issubdtype(labels.dtype, np.integer)
-    numeric = integer or np.issubdtype(labels.dtype, np.floating)
-    classes = labels.ndim == 1 and integer
-    one_hot = labels.ndim == 2 and labels.shape[1] == 10 and numeric
-    if not (classes or one_hot):
-        raise ConfigError(f"labels of shape {labels.shape} and dtype {labels.dtype}: give integer "
-                          "classes (N,) in 0..9 or one-hot rows (N, 10)")
-    if len(labels) != n:
-        raise ConfigError(f"{len(labels)} labels for {n} images; give one label per image")
-    if classes:
-        bad = np.flatnonzero((labels < 0) | (labels > 9))
-        if bad.size:
-            raise ConfigError(f"label {labels[bad[0]]} (labels[{bad[0]}]) is not a class; "
-                              "classes are 0..9")
-        return preprocessing.one_hot(labels)
-    ok = ((labels == 0) | (labels == 1)).all(1) & ((labels == 1).sum(1) == 1)
-    if not ok.all():
-        i = np.flatnonzero(~ok)[0]
-        raise ConfigError(f"labels[{i}] = {labels[i].tolist()} is not one-hot; each row needs "
-                          "exactly one 1 and nine 0s")
-    return labels.astype(np.float32)
+    return _convert(pixels_in_unit(gray, "the image"), invert)[0]
 
 
 # --- arrays -------------------------------------------------------------------------------------
-
-def _to_unit(array: np.ndarray, what: str) -> np.ndarray:
-    """uint8 0..255 scaled by 1/255, or float checked to be finite and in [0, 1]; float32."""
-    if array.dtype == np.uint8:
-        return preprocessing.scale(array)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ConfigError(f"{what} of dtype {array.dtype}: give uint8 0..255 or float in [0, 1] "
-                          "(e.g. x.astype(np.uint8) for integer pixels 0..255)")
-    if not np.isfinite(array).all():
-        raise ConfigError(f"{what} holds NaN or infinite values; give pixels in [0, 1] (float) or "
-                          "0..255 (uint8, scaled by 1/255 here)")
-    lo, hi = array.min(), array.max()
-    if lo < 0 or hi > 1:
-        raise ConfigError(f"{what} has values in [{lo:g}, {hi:g}], outside [0, 1]; scale pixels "
-                          "0..255 by 1/255 (x / 255), or give them as uint8")
-    return array.astype(np.float32)
-
 
 def _read_npy(path: Path) -> tuple[np.ndarray, bool]:
     """(N, 784) float32 images from a .npy file, and whether it held a batch (an N axis)."""
@@ -199,7 +142,7 @@ def _read_npy(path: Path) -> tuple[np.ndarray, bool]:
         raise ConfigError(f"{path}: an array of shape {array.shape} and dtype {array.dtype}; "
                           "give shape (N, 28, 28), (28, 28), (N, 784) or (784,), uint8 0..255 "
                           "or float in [0, 1]")
-    images = _to_unit(array, str(path))
+    images = pixels_in_unit(array, str(path))
     return images.reshape(-1, SIZE * SIZE), batched
 
 

@@ -305,7 +305,7 @@ def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
 
 
 def sweep_scatter(l2: Sequence[float], dropout: Sequence[float], learning_rate: Sequence[float],
-                  mean_val: Sequence[float], *, n_seeds: int, chosen: int,
+                  mean_val: Sequence[float], *, n_seeds: int, chosen: int | None,
                   title: str = "") -> Figure:
     """Random or TPE points: L2 (log) against dropout, coloured by mean validation accuracy
     (%); beside it, accuracy against the learning rate when that varies. The chosen point is
@@ -321,15 +321,17 @@ def sweep_scatter(l2: Sequence[float], dropout: Sequence[float], learning_rate: 
                            edgecolors="none")
     axes[0].scatter(x[~ok], np.asarray(dropout)[~ok], marker="x", color="#7f7f7f",
                     label="diverged")
-    axes[0].scatter([x[chosen]], [dropout[chosen]], s=160, facecolors="none",
-                    edgecolors="#d62728", linewidths=2, label="chosen")
+    if chosen is not None:  # None: the choice is not among these points
+        axes[0].scatter([x[chosen]], [dropout[chosen]], s=160, facecolors="none",
+                        edgecolors="#d62728", linewidths=2, label="chosen")
     axes[0].set(xscale="log", xlabel="L2 coefficient", ylabel="dropout rate", title=title)
     axes[0].legend(fontsize=8, loc="best")
     fig.colorbar(dots, ax=axes[0], label=f"validation accuracy (%), mean of {n_seeds}")
     if panels == 2:
         axes[1].scatter(lrs[ok], val[ok], s=30)
-        axes[1].scatter([lrs[chosen]], [val[chosen]], s=160, facecolors="none",
-                        edgecolors="#d62728", linewidths=2)
+        if chosen is not None:
+            axes[1].scatter([lrs[chosen]], [val[chosen]], s=160, facecolors="none",
+                            edgecolors="#d62728", linewidths=2)
         axes[1].set(xscale="log", xlabel="learning rate",
                     ylabel="validation accuracy (%)")
     return fig

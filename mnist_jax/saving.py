@@ -10,6 +10,7 @@ with the optimizer's state) are for resuming; these files are for using.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,7 @@ import numpy as np
 from mnist_jax import files
 from mnist_jax.config import TrainConfig, Variant, dense_names
 from mnist_jax.errors import ConfigError
+from mnist_jax.results import variant_from_json
 from mnist_jax.rundir import MODELS
 
 INDEX = "index.json"
@@ -63,8 +65,13 @@ class SavedModel:
 
 
 def slug(name: str) -> str:
-    """A file-system-safe form of a variant's name ('l2=0.001 dropout=0.2' -> 'l2_0.001_...')."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "model"
+    """A file-system-safe form of a variant's name, one per name: 'baseline' stays, and a name
+    with other characters gets a digest of itself ('l2=0.001 dropout=0.2' ->
+    'l2_0.001_dropout_0.2-1a2b3c4d'), so that 'a b' and 'a_b' never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "model"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def flat(params: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -122,18 +129,23 @@ def load_model(path: str | Path) -> SavedModel:
                           "with its .json card beside it") from None
     except (OSError, ValueError, SafetensorError) as e:
         raise ConfigError(f"{weights}: not a readable saved model ({e})") from None
-    if info.get("format") != FORMAT:
-        raise ConfigError(f"{meta}: not a model card of this version ({info.get('format')!r}, "
-                          f"expected {FORMAT!r})")
-    train = TrainConfig.from_dict(info["train"])
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ConfigError(f"{meta}: not a model card of this version ({found!r}, expected "
+                          f"{FORMAT!r})")
+    try:
+        train = TrainConfig.from_dict(info["train"])
+        variant = variant_from_json(info["variant"])
+        seed = int(info["seed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{meta} is damaged ({type(e).__name__}: {e}); save the model again, "
+                          "or train it again") from None
     params = nested(tensors)
     expected = {f"{n}.{leaf}" for n in dense_names(train.hidden) for leaf in ("kernel", "bias")}
     if set(tensors) != expected:
         raise ConfigError(f"{weights} holds {sorted(tensors)}, not the layers of "
                           f"784-{'-'.join(map(str, train.hidden))}-10 its card describes")
-    variant = Variant(**{**info["variant"], "l2_layers": tuple(info["variant"]["l2_layers"]),
-                         "dropout_layers": tuple(info["variant"]["dropout_layers"])})
-    return SavedModel(params, variant, int(info["seed"]), train)
+    return SavedModel(params, variant, seed, train)
 
 
 # --- a run directory's models --------------------------------------------------------------------
@@ -147,7 +159,16 @@ def read_index(out: str | Path) -> list[dict[str, Any]] | None:
     path = _index_path(Path(out))
     if not path.is_file():
         return None
-    return json.loads(path.read_text())["models"]
+    try:
+        entries = json.loads(path.read_text())["models"]
+        for e in entries:
+            if not (isinstance(e["variant"], str) and isinstance(e["seed"], int)
+                    and isinstance(e["file"], str)):
+                raise TypeError(f"entry {e!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); the models it lists "
+                          "cannot be found: run the training again with --overwrite") from None
+    return entries
 
 
 def _write_index(out: Path, entries: list[dict[str, Any]]) -> None:
@@ -196,12 +217,13 @@ def keep_only(out: str | Path, names: Iterable[str]) -> None:
     names = set(names)
     kept = [e for e in entries if e["variant"] in names]
     _write_index(out, kept)
-    for e in entries:
-        if e["variant"] not in names:
-            weights = out / MODELS / e["file"]
+    # Every model file the index does not list goes, those a process stopped between the
+    # index and the removals left behind included.
+    listed = {(out / MODELS / e["file"]).resolve() for e in kept}
+    for weights in (out / MODELS).glob("*/*.safetensors"):
+        if weights.resolve() not in listed:
             weights.unlink(missing_ok=True)
             weights.with_suffix(".json").unlink(missing_ok=True)
-            try:
-                weights.parent.rmdir()
-            except OSError:  # another seed's files are still there
-                pass
+    for directory in (out / MODELS).iterdir():
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()

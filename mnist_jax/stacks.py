@@ -9,6 +9,7 @@ what it needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -61,24 +62,23 @@ class Splits:
         1/255) or floats in [0, 1]; labels (N,) integers 0..9 or one-hot (N, 10). The last
         `validation_split` of the training rows is held out, as Keras's `validation_split`.
         A problem raises ConfigError naming the array and the fix."""
-        from mnist_jax.inputs import check_images, check_labels
-
         arrays = []
         for what, images, labels in (("train", train_images, train_labels),
                                      ("test", test_images, test_labels)):
             try:
-                x = check_images(images)
-                arrays.append((x, check_labels(labels, len(x))))
+                x = preprocessing.check_images(images)
+                arrays.append((x, preprocessing.check_labels(labels, len(x))))
             except ConfigError as e:
                 raise ConfigError(f"{what}: {e}") from None
         (x, y), test = arrays
-        if not (isinstance(validation_split, int | float) and 0 <= validation_split < 1):
-            raise ConfigError(f"validation_split {validation_split!r} must lie in [0, 1)")
+        kept = (math.floor(len(x) * (1 - validation_split))
+                if isinstance(validation_split, int | float) else 0)
+        if not (isinstance(validation_split, int | float) and 0 <= validation_split < 1
+                and kept >= 1 and (validation_split == 0 or kept < len(x))):
+            raise ConfigError(f"validation_split {validation_split!r} must lie in [0, 1) and "
+                              f"leave training and validation rows of the {len(x)} given")
         (x_train, y_train), (x_val, y_val) = preprocessing.validation_split(
             x, y, validation_split)
-        if not len(x_train):
-            raise ConfigError(f"validation_split {validation_split} leaves no training rows of "
-                              f"{len(x)}; lower it")
         return cls(x_train, y_train, x_val, y_val, *test)
 
 

@@ -79,6 +79,8 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     does not count): rejecting where the adjusted value is below alpha keeps the chance of
     any false 'real' at most alpha over the whole family."""
     tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    if any(not 0 <= p <= 1 for p, _ in tested):  # NaN too: it would reorder the family
+        raise ValueError(f"p-values must lie in [0, 1]: {list(p_values)}")
     out: list[float | None] = [None] * len(p_values)
     running = 0.0
     for rank, (p, i) in enumerate(sorted(tested)):

@@ -574,12 +574,14 @@ def assemble(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, Any]:
         configurations[name]["grid_point"] = alias
     # Paired with the chosen: each original variant present, of every architecture (same
     # seeds: the same batch order and dropout noise; the same initial weights within one).
-    pairs = [(chosen, name) for name in outcomes if original_of(name) and name != chosen]
+    # A diverged model has no test accuracy to compare (its argmax of NaN is chance).
+    usable = [n for n in outcomes if not outcomes[n].diverged]
+    pairs = [(chosen, name) for name in usable if original_of(name) and name != chosen]
     # And the best configuration that is no original with its architecture's baseline,
     # whatever was chosen: is searching worth it?
     best = next((n for n in selection.ranking if not original_of(n)), None)
     baseline = None if best is None else next(
-        (n for n in outcomes if original_of(n) == "baseline"
+        (n for n in usable if original_of(n) == "baseline"
          and results[n].get("hidden") == results[best].get("hidden")), None)
     if best is not None and baseline is not None and (best, baseline) not in pairs \
             and best != chosen:
@@ -674,7 +676,7 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
         for k, hidden in enumerate(config.shapes):
             names = [n for n in confs if not original_of(n) and shape(n) == hidden]
             v = [confs[n]["variant"] for n in names]
-            chosen_index = names.index(chosen) if chosen in names else 0
+            chosen_index = names.index(chosen) if chosen in names else None
             key = f"sweep_points_{k}" if several else "sweep_points"
             made[key] = ("sweep_scatter", (
                 [x["l2"] for x in v], [x["dropout"] for x in v], [x["learning_rate"] for x in v],

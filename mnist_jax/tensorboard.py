@@ -5,7 +5,6 @@ configuration with its final metrics."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -66,17 +65,18 @@ def write(logdir: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], *
 class Live:
     """Per-epoch scalars written as a run trains, so a running job can be watched: after each
     epoch, `epoch(stack)` adds that epoch's values of every model ('epoch/<key>' at the epoch's
-    number) to <logdir>/<name>/seed_<seed>, on disk when it returns. A run resumed after epoch
-    k starts its event files with TensorBoard's purge at step k + 1: what a stopped run wrote
-    past its checkpoint is superseded, and each epoch shows once.
+    number) to <logdir>/<name>/seed_<seed>, on disk when it returns. A resumed run (after epoch
+    k of its checkpoint, 0 where it had none) starts its event files with TensorBoard's purge
+    at step k + 1: what the stopped run wrote past its checkpoint is superseded, and each
+    epoch shows once.
 
     tensorboardX's synchronous EventsWriter, not its SummaryWriter, whose flush does not wait
     for the events its queue still holds.
     """
 
-    def __init__(self, logdir: str | Path, resumed_after: int = 0):
+    def __init__(self, logdir: str | Path, resumed_after: int | None = None):
         self.logdir = Path(logdir)
-        self.resumed_after = resumed_after
+        self.resumed_after = resumed_after  # None: a fresh run, nothing to supersede
         self.writers: dict[tuple[str, int], Any] = {}
 
     def _writer(self, name: str, seed: int):
@@ -87,9 +87,10 @@ class Live:
         if key not in self.writers:
             directory = self.logdir / run_name(name) / f"seed_{seed}"
             directory.mkdir(parents=True, exist_ok=True)
-            # The suffix keeps a resumed run's file apart from the one started the same second.
-            w = EventsWriter(str(directory / "events"), f".{os.getpid()}.{self.resumed_after}")
-            if self.resumed_after:
+            # TensorBoard reads a run's files in name order, whose time is in seconds: the
+            # suffix keeps a file started the same second apart, and after the older one.
+            w = EventsWriter(str(directory / "events"), f".{time.time_ns()}")
+            if self.resumed_after is not None:
                 w.write_event(event_pb2.Event(
                     wall_time=time.time(), step=self.resumed_after + 1,
                     session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))

@@ -20,6 +20,7 @@ import numpy as np
 from mnist_jax import results as outcome
 from mnist_jax import rundir, saving
 from mnist_jax.errors import ConfigError
+from mnist_jax.preprocessing import check_images, check_labels
 
 History = Mapping[str, list[float]]
 
@@ -99,7 +100,6 @@ class TrainedRun:
                       ) -> np.ndarray:
         """(N, 10) float32: softmax of one model's logits for `images` ((N, 784) or
         (N, 28, 28); uint8 is scaled by 1/255, floats must lie in [0, 1])."""
-        from mnist_jax.inputs import check_images
 
         model = self.model(variant, seed)
         images = check_images(images)
@@ -115,7 +115,6 @@ class TrainedRun:
         it), cross_entropy, penalty and accuracy of one model on `images` (see
         `probabilities`) with `labels` (N,) in 0..9 or one-hot (N, 10)."""
         from mnist_jax import programs
-        from mnist_jax.inputs import check_images, check_labels
         from mnist_jax.steps import Hyperparams, TrainState
 
         model = self.model(variant, seed)
@@ -137,7 +136,13 @@ class TrainedRun:
             for e in entries:
                 if (e["variant"], e["seed"]) == (variant, seed):
                     path = self.directory / saving.MODELS / e["file"]
-                    return {(variant, seed): saving.load_model(path)}
+                    model = saving.load_model(path)
+                    if (model.variant.name, model.seed) != (variant, seed):
+                        raise ConfigError(
+                            f"{path} holds {model.variant.name!r} (seed {model.seed}), not "
+                            f"{variant!r} (seed {seed}) as {saving.INDEX} says; the run's "
+                            "models are mixed up: train it again with --overwrite")
+                    return {(variant, seed): model}
             kept = sorted({e["variant"] for e in entries})
             raise ConfigError(f"the run in {self.directory} kept no model of {variant!r} "
                               f"(seed {seed}); it kept {_listing(kept)}"

@@ -100,4 +100,34 @@ def test_keep_only_leaves_the_index_listing_whole_files(tmp_path):
     assert [(e["variant"], e["seed"]) for e in saving.read_index(out)] == [("baseline", 0),
                                                                            ("baseline", 1)]
     assert sorted(p.name for p in (out / "models").iterdir()) == ["baseline", "index.json"]
-    assert saving.slug("l2=0.001 dropout=0.2") == "l2_0.001_dropout_0.2"
+    # One file per name: a name with characters a file name cannot hold gets its digest.
+    assert saving.slug("baseline") == "baseline"
+    assert saving.slug("l2=0.001 dropout=0.2").startswith("l2_0.001_dropout_0.2-")
+    assert len({saving.slug(n) for n in ("a b", "a=b", "a_b")}) == 3
+
+
+def test_keep_only_removes_what_an_interrupted_prune_left(tmp_path):
+    """A process stopped between writing the index and removing the files: the next prune
+    removes the files the index no longer lists."""
+    out = tmp_path / "run"
+    for name in ("baseline", "dropout"):
+        saving.save_model(out / "models" / name / "seed_0", random_params((4,)), Variant(name),
+                          0, TrainConfig(hidden=(4,)))
+    saving._write_index(out, [{"variant": "baseline", "seed": 0,
+                               "file": "baseline/seed_0.safetensors"}])  # dropout's left over
+    saving.keep_only(out, {"baseline"})
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["baseline", "index.json"]
+
+
+def test_a_damaged_index_or_card_gets_one_line(tmp_path):
+    out = tmp_path / "run"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "index.json").write_text('{"models": [{"variant": 1}]}')
+    with pytest.raises(ConfigError, match=r"index.json is damaged \(TypeError"):
+        saving.read_index(out)
+    saving.save_model(tmp_path / "m", random_params((4,)), VARIANT, 0, TrainConfig(hidden=(4,)))
+    card = json.loads((tmp_path / "m.json").read_text())
+    del card["train"]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match=r"m\.json is damaged \(KeyError"):
+        saving.load_model(tmp_path / "m.safetensors")

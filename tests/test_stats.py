@@ -50,3 +50,8 @@ def test_holm_by_hand():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert stats.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
     assert stats.holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+
+
+def test_holm_refuses_what_is_no_p_value():
+    with pytest.raises(ValueError, match="must lie in"):
+        stats.holm([0.01, float("nan"), 0.02])

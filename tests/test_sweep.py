@@ -479,3 +479,14 @@ def test_a_sweep_keeps_only_the_models_of_its_choice_as_the_best_moves(small, tm
     assert kept == [f"{saving.slug(chosen)}/seed_{s}.safetensors" for s in (0, 1)]
     model = saving.load_model(tmp_path / "models" / kept[1])
     assert model.seed == 1 and model.variant.name == chosen and model.hidden == (256, 256)
+
+
+def test_a_diverged_original_is_not_compared():
+    """Its test accuracy is chance (argmax of NaN), not a result: no pair, no p-value."""
+    a = [0.981, 0.979, 0.983, 0.983]
+    base = [0.978, 0.977, 0.979, 0.980]
+    results = {"x": _result("x", a, a), "baseline": _result("baseline", base, base),
+               "dropout": _result("dropout", base, [0.1, 0.1, 0.1, 0.1],
+                                  diverged=[{"seed": 0}])}
+    metrics = sweep.assemble(sweep.SweepConfig(), results)
+    assert [(c["a"], c["b"]) for c in metrics["comparisons"]] == [("x", "baseline")]

@@ -42,3 +42,18 @@ def test_after_a_resume_each_epoch_shows_once(tmp_path):
         again.epoch(fake_stack([1.0, 20.0, 30.0][:n]))
     again.close()
     assert scalars(tmp_path) == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_a_run_resumed_before_its_first_checkpoint_shows_each_epoch_once(tmp_path):
+    """Killed after two epochs and before any checkpoint (they are made by time): the resumed
+    run starts at epoch 1 again, and supersedes what the first wrote."""
+    first = tb.Live(tmp_path)
+    for n in (1, 2):
+        first.epoch(fake_stack([1.0, 2.0][:n]))
+    first.close()
+    again = tb.Live(tmp_path, resumed_after=0)
+    for n in (1, 2, 3):
+        again.epoch(fake_stack([10.0, 20.0, 30.0][:n]))
+    again.close()
+    assert scalars(tmp_path) == [(1, 10.0), (2, 20.0), (3, 30.0)]
+

@@ -250,3 +250,84 @@ def test_the_readmes_python_example_runs(study, mnist, tmp_path):
                           cwd=tmp_path, env=cli_env())
     assert done.returncode == 0, done.stderr
     assert "'loss'" in done.stdout and "'accuracy'" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def bf16_run(mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    run_cli("train", "--variant", "baseline", "--epochs", 1, "--dtype", "bfloat16",
+            "--out", out, "--data-dir", mnist.cache_dir, "--quiet")
+    return out
+
+
+def float32_probabilities(run_dir, images, variant=None, seed=None):
+    """This project's own float32 prediction from the saved weights, as NumPy softmax of
+    the logits of the MLP in float32 (also for a model trained with bfloat16 matmuls)."""
+    model = load_run(run_dir).model(variant, seed)
+    logits = np.asarray(model.module("float32").apply({"params": model.params}, images),
+                        np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.slow
+# Keras 3.15's Variable.__array__ takes no `copy` argument, which NumPy 2 deprecates; Keras
+# converts each weight with np.array() when it saves a model.
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:"
+                            "DeprecationWarning:keras")
+@pytest.mark.parametrize("fmt", ["keras", "onnx", "jax"])
+@pytest.mark.parametrize("which", ["float32", "bfloat16"])
+def test_cli_exports_are_read_back_by_their_own_runtime(fmt, which, study, bf16_run, mnist,
+                                                        tmp_path, capsys):
+    """`mnist-jax export` of a saved model, read by Keras 3, onnxruntime, or jax alone: the
+    classes of our float32 prediction on every test image, probabilities within 1e-5; Keras's
+    own `evaluate` gives the accuracy of those classes to the image."""
+    run_dir, variant, seed = (study, "dropout", 5) if which == "float32" else (bf16_run, None,
+                                                                               None)
+    target = tmp_path / f"model.{'keras' if fmt == 'keras' else fmt}"
+    run_main(capsys, "export", "--run", run_dir, "--format", fmt, "--out", target,
+             *(("--variant", variant, "--seed", seed) if variant else ()))
+    x = mnist.test_images.reshape(-1, 784).astype(np.float32) / np.float32(255)
+    expected = float32_probabilities(run_dir, x, variant, seed)
+    if fmt == "keras":
+        import os
+
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import jax
+        import keras
+
+        model = keras.saving.load_model(target)
+        with jax.numpy_rank_promotion("allow"):  # Keras's own code broadcasts ranks
+            got = model.predict(x, batch_size=2000, verbose=0)
+            _, accuracy = model.evaluate(x, np.eye(10, dtype=np.float32)[mnist.test_labels],
+                                         batch_size=2000, verbose=0)
+        correct = int(np.sum(np.argmax(expected, -1) == mnist.test_labels))
+        assert round(accuracy * 10000) == correct
+    elif fmt == "onnx":
+        import onnxruntime
+
+        got = onnxruntime.InferenceSession(str(target)).run(None, {"images": x})[0]
+    else:
+        np.save(tmp_path / "x.npy", x)
+        code = ("import sys, numpy as np, jax\n"
+                "sys.modules['mnist_jax'] = None\n"
+                "f = jax.export.deserialize(open('model.jax', 'rb').read())\n"
+                "np.save('p.npy', np.asarray(f.call(np.load('x.npy'))))\n")
+        subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True,
+                       env=cli_env())
+        got = np.load(tmp_path / "p.npy")
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_models_swapped_on_disk_are_refused_not_returned(study, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(study, mixed)
+    a, b = mixed / "models" / "baseline" / "seed_3", mixed / "models" / "dropout" / "seed_3"
+    for suffix in (".safetensors", ".json"):
+        tmp = a.with_suffix(".swap")
+        a.with_suffix(suffix).rename(tmp)
+        b.with_suffix(suffix).rename(a.with_suffix(suffix))
+        tmp.rename(b.with_suffix(suffix))
+    with pytest.raises(ConfigError, match="holds 'dropout' .seed 3., not 'baseline'"):
+        load_run(mixed).params("baseline", 3)
