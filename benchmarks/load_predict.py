@@ -24,9 +24,14 @@ print(run.predict(np.load({digit!r})[None])[0])
 """
 
 
+ROOT = Path(__file__).parents[1]
+
+
 def timed(cmd: list[str]) -> float:
+    """Seconds of one fresh process, run from this tree (whose code `-m` then imports, not
+    another tree's installed in the venv)."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     return time.perf_counter() - t0
 
 
@@ -38,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
+    from benchmarks.harness import provenance
     from mnist_jax import load_mnist, runtime
 
     digit = load_mnist().test_images[0]  # a 7
@@ -48,9 +54,11 @@ def main() -> None:
 
         np.save(npy, digit)
         commands = {
-            "cli_predict_png": ["mnist-jax", "predict", "--run", str(args.run), str(png)],
+            "cli_predict_png": [sys.executable, "-m", "mnist_jax.cli", "predict", "--run",
+                                str(args.run.resolve()), str(png)],
             "python_load_run_predict": [sys.executable, "-c",
-                                        PYTHON.format(run=str(args.run), digit=str(npy))],
+                                        PYTHON.format(run=str(args.run.resolve()),
+                                                      digit=str(npy))],
         }
         for cmd in commands.values():  # once each first: the OS's file cache, not ours
             timed(cmd)
@@ -59,7 +67,7 @@ def main() -> None:
             for name, cmd in commands.items():
                 times[name].append(timed(cmd))
     record = {"benchmark": "load_predict", "cpu": runtime.cpu(),
-              "environment": runtime.environment(), "run": str(args.run),
+              "environment": {**runtime.environment(), **provenance()}, "run": str(args.run),
               "seconds": {name: {"min": min(t), "median": sorted(t)[len(t) // 2], "all": t}
                           for name, t in times.items()}}
     text = json.dumps(record, indent=1)

@@ -29,25 +29,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ACCEPTED = ("PNG or JPEG images of any size, or .npy arrays of shape (N, 28, 28), (28, 28), "
             "(N, 784) or (784,), uint8 0..255 or float in [0, 1]")
 
+# What MNIST's own digits show, and how each threshold was chosen: docs/design.md, "Your own
+# digits".
 SIZE = 28  # the field
-BOX = 20  # the longer side of the digit's box: 9,997 of MNIST's 10,000 test digits, exactly
-# MNIST's centres of mass lie in [13.5, 14.5) on both axes (all 10,000 test digits): each digit
-# was shifted by whole pixels to put its centre of mass in pixel 14.
-CENTRE = 14.0
-# The digit's bounding box holds the pixels above INK of the contrast between paper and ink;
-# below NOISE is background, set to 0 as MNIST's. Grey paper (0.85) under pencil (0.15) with
-# pixel noise of sd 0.05, as JPEG at quality 75, comes back (correlation 0.997) at INK 0.3;
-# at 0.2 specks widen the box to the page (0.06 to 0.49), as at 0.3 with sd 0.07. NOISE
-# keeps the faint fringe of an anti-aliased stroke. The price: 2.5% of MNIST's test digits
-# come back one pixel off (the box or the centre of mass moves by a hair and rounds the
-# other way).
-INK = 0.3
-NOISE = 0.05
-# Less contrast than this (about 13 grey levels of 255) is a blank page, not a faint digit.
-MIN_CONTRAST = 0.05
-# Lanczos brought drawn MNIST digits back closer than bilinear (median correlation 0.998 against
-# 0.992 for 4x nearest-neighbour enlargements); its overshoot is clipped.
-RESAMPLE = Image.Resampling.LANCZOS
+BOX = 20  # the longer side of the digit's box, as MNIST's
+CENTRE = 14.0  # the pixel MNIST's digits were shifted to put their centre of mass in
+INK = 0.3  # of the paper-to-ink contrast: the pixels that make the digit's box
+NOISE = 0.05  # below this is background, set to 0 as MNIST's
+MIN_CONTRAST = 0.05  # less (13 grey levels of 255) is a blank page, not a faint digit
+RESAMPLE = Image.Resampling.LANCZOS  # closer to MNIST's than bilinear; overshoot clipped
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

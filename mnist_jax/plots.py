@@ -276,7 +276,8 @@ def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
                       vmin=-spread, vmax=spread, aspect="auto")
     what = "the baseline" if centre is not None else "the median"
     fig.colorbar(image, ax=ax, format="%+.2f",
-                 label=f"validation accuracy minus {what} ({mid:.2f}%), points; n={n_seeds}")
+                 label=f"validation accuracy minus {what} ({mid:.2f}%), points"
+                 + (f"; mean of {n_seeds} seeds" if n_seeds > 1 else "; one seed"))
     for (r, c), value in np.ndenumerate(values):
         strong = np.isfinite(value) and abs(value - mid) > 0.6 * spread
         text = "diverged"
@@ -300,7 +301,9 @@ def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
            xlabel="L2 coefficient", ylabel="dropout rate")
     ax.set_title(title + (f"\nvalidation accuracy (%), mean ± 95% interval half-width over "
                           f"{n_seeds} seeds" if half is not None else
-                          f"\nvalidation accuracy (%), {n_seeds} seed(s)"), fontsize=9)
+                          "\nvalidation accuracy (%), "
+                          + ("one seed" if n_seeds == 1 else f"mean of {n_seeds} seeds")),
+                 fontsize=9)
     return fig
 
 
@@ -326,7 +329,8 @@ def sweep_scatter(l2: Sequence[float], dropout: Sequence[float], learning_rate: 
                         edgecolors="#d62728", linewidths=2, label="chosen")
     axes[0].set(xscale="log", xlabel="L2 coefficient", ylabel="dropout rate", title=title)
     axes[0].legend(fontsize=8, loc="best")
-    fig.colorbar(dots, ax=axes[0], label=f"validation accuracy (%), mean of {n_seeds}")
+    fig.colorbar(dots, ax=axes[0], label="validation accuracy (%), "
+                 + (f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"))
     if panels == 2:
         axes[1].scatter(lrs[ok], val[ok], s=30)
         if chosen is not None:
@@ -353,8 +357,8 @@ def top_curves(curves: Mapping[str, np.ndarray], *, n_seeds: int,
                 marker="o" if len(curve) <= MARKERS_UP_TO else None, markersize=4)
     _epoch_axis(ax, n_epochs)
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)",
-           title=f"The best configurations (solid) and the original variants (dashed): "
-                 f"mean of {n_seeds} seed(s)")
+           title="The best configurations (solid) and the original variants (dashed): "
+                 + (f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"))
     ax.title.set_fontsize(10)
     ax.legend(fontsize=7, loc="lower right")
     return fig

@@ -292,7 +292,9 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
             if key.startswith(("sweep_heatmap", "sweep_points")):
                 lines += [f"![{key}]({path})", ""]
     lines += [f"## The best {min(top, len(confs))} configurations", "",
-              f"Mean ± sd over seeds (n = {len(seeds)}), final epoch; ranked by {CRITERIA[on]}.",
+              (f"Mean ± sd over seeds (n = {len(seeds)})" if len(seeds) > 1 else
+               f"One seed ({seeds[0]}): no spread to show") +
+              f", final epoch; ranked by {CRITERIA[on]}.",
               "", f"| rank | configuration | values | {on.replace('_', ' ')} | test accuracy |",
               "|---|---|---|---|---|"]
     for rank, name in enumerate(sel["ranking"][:top], start=1):
@@ -325,7 +327,9 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
         f"- Data: MNIST from `{data['source']}`, SHA-256 verified; {data['train']:,} training, "
         f"{data['validation']:,} validation (the last {train['validation_split']:.0%}), "
         f"{data['test']:,} test images.",
-        (f"- Model: MLP {'-'.join(map(str, (784, *train['hidden'], 10)))}, ReLU."
+        (f"- Model: MLP "
+         f"{'-'.join(map(str, (784, *(cfg.get('architectures') or [train['hidden']])[0], 10)))}"
+         ", ReLU."
          if len(cfg.get("architectures") or ()) < 2 else
          "- Models: MLPs "
          + ", ".join("-".join(map(str, (784, *h, 10))) for h in cfg["architectures"])

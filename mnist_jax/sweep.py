@@ -72,9 +72,8 @@ class SweepConfig:
     originals: bool = True  # train the study's four variants as points of the sweep
     chunk: int = 0
     train: TrainConfig = TrainConfig()
-    # A sweep over architectures (--hidden repeated): each one's hidden widths, the first
-    # being train.hidden; every configuration is trained at each, one stack per shape.
-    # Empty: train.hidden alone.
+    # A sweep over architectures (--hidden repeated): each one's hidden widths; every
+    # configuration is trained at each, one stack per shape. Empty: train.hidden alone.
     architectures: tuple[tuple[int, ...], ...] = ()
 
     @property
@@ -98,9 +97,6 @@ class SweepConfig:
             shown = " ".join(f"--hidden {','.join(map(str, h))}" for h in self.architectures)
             if len(set(self.architectures)) != len(self.architectures):
                 raise ConfigError(f"{shown}: an architecture is given twice; give each once")
-            if self.architectures[0] != self.train.hidden:
-                raise ConfigError(f"architectures {self.architectures} must begin with "
-                                  f"train.hidden {self.train.hidden}")
             if self.search == "tpe" and len(self.architectures) > 1:
                 raise ConfigError(f"{shown}: --search tpe sweeps one architecture; use --search "
                                   "grid or random to compare several")
@@ -449,19 +445,20 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
                 grid(at) if config.search == "grid" else random_points(at), at), hidden, config)
             size = config.chunk or auto_chunk(at, len(points))
             fixed += [(at, points[i:i + size]) for i in range(0, len(points), size)]
-    tpe = TPE(config) if config.search == "tpe" else None
+    one = config.at(config.shapes[0])  # TPE's one architecture
+    tpe = TPE(one) if config.search == "tpe" else None
     if tpe is not None:
-        size = config.chunk or auto_chunk(config, config.samples + len(originals(config)))
+        size = config.chunk or auto_chunk(one, config.samples + len(originals(one)))
     (out / rundir.CHUNKS).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     index, drawn = 0, 0
     n_chunks = len(fixed) if fixed is not None else None
     while True:
-        at = config
+        at = one
         if fixed is not None:
             at, points = fixed[index] if index < len(fixed) else (config, [])
-        elif index == 0 and originals(config):  # TPE: the originals first, as one chunk
-            points, asked = originals(config), False
+        elif index == 0 and originals(one):  # TPE: the originals first, as one chunk
+            points, asked = originals(one), False
         else:  # then batches asked of the sampler
             want = min(size, config.samples - drawn)
             points, asked = (tpe.ask(want), True) if want > 0 else ([], False)

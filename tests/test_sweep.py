@@ -417,8 +417,7 @@ def test_a_sweep_over_architectures_trains_each_shape_as_its_own_sweep(small, tm
     at each, named by its shape, and each shape's models bit for bit those of a sweep of that
     shape alone; one choice over both; the chosen compared with the originals of both."""
     both = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0,), seeds=(0, 1), chunk=3,
-                             train=TrainConfig(epochs=1, hidden=(16,)),
-                             architectures=((16,), (24, 8)))
+                             train=TrainConfig(epochs=1), architectures=((16,), (24, 8)))
     results = sweep.run_sweep(both, small, tmp_path / "both", progress=False,
                               echo=lambda _: None)
     names = [f"{a} {n}" for a in ("16", "24-8") for n in
