@@ -275,14 +275,6 @@ def _run_experiment(config, mnist, out_dir, progress, echo, on_epoch_end, stack,
     return metrics
 
 
-def _then(first: Callable[[fit.Stack], None], second: Callable[[fit.Stack], None]
-          ) -> Callable[[fit.Stack], None]:
-    def both(stack: fit.Stack) -> None:
-        first(stack)
-        second(stack)
-    return both
-
-
 def train_and_evaluate(config: ExperimentConfig, out_dir: str | Path, *,
                        data_dir: str | Path | None = None, resume: bool = False,
                        overwrite: bool = False, progress: bool = True,
@@ -369,7 +361,7 @@ def _train_into(config: ExperimentConfig, out: Path, data_dir, resume: bool, pro
                 live = tb.Live(out / tb.DIRECTORY,
                                resumed_after=stack.epochs_done if resume else None)
                 held.callback(live.close)
-                on_epoch_end = _then(live.epoch, on_epoch_end)
+                on_epoch_end = live.before(on_epoch_end)
             try:
                 with rundir.recording_outcome(out, primary, resume_with,
                                               lambda: {"epochs_done": stack.epochs_done},

@@ -421,7 +421,8 @@ def _objective(result: Mapping[str, Any]) -> float | None:
 def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: bool = False,
               progress: bool = True, echo: Callable[[str], None] = print,
               interrupt: Sequence[int] = (), resume_with: str = "",
-              checkpoint_every: float | None = None) -> dict[str, Any]:
+              checkpoint_every: float | None = None, tensorboard: bool = False,
+              ) -> dict[str, Any]:
     """Trains every configuration x seed, a chunk at a time, into `out`; returns the
     configurations' results (name -> variant, runs, diverged), in sweep order. The models of
     the original variants and of the choice are kept in `out`/models (mnist_jax.saving).
@@ -474,7 +475,9 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
             done, stack = _train_chunk(at, points, splits, directory, resume=resume,
                                        progress=progress, echo=echo, interrupt=interrupt,
                                        resume_with=resume_with, what=what,
-                                       checkpoint_every=checkpoint_every)
+                                       checkpoint_every=checkpoint_every,
+                                       tensorboard=tensorboard and jax.process_index() == 0,
+                                       out=out)
             primary = jax.process_index() == 0  # with several hosts, one writes the files
             # The models that may be kept, before the chunk counts as done: the originals and
             # the best so far (the final choice is the best so far when its chunk ends).
@@ -504,14 +507,17 @@ def run_sweep(config: SweepConfig, splits: fit.Splits, out: Path, *, resume: boo
 def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                  directory: Path, *, resume: bool, progress: bool,
                  echo: Callable[[str], None], interrupt: Sequence[int], resume_with: str,
-                 what: str, checkpoint_every: float | None) -> dict[str, Any]:
+                 what: str, checkpoint_every: float | None, tensorboard: bool = False,
+                 out: Path | None = None) -> dict[str, Any]:
     from mnist_jax import checkpoint  # orbax is slow to import: only when training
+    from mnist_jax import tensorboard as tb
 
     padded = _padded(points, config.train.model_parallel)
     stack = fit.new_stack(padded, config.seeds, config.train,
                           len(splits.train_images) + len(splits.val_images),
                           decay=any(config.weight_decay))  # every chunk alike
     mgr = checkpoint.manager(directory)
+    live = None
     try:
         if resume and checkpoint.restore(mgr, stack) is not None:
             echo(f"{what}: resuming after epoch {stack.epochs_done} of {config.train.epochs}")
@@ -520,6 +526,10 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
                                 else checkpoint_every)
         on_epoch_end = rundir.checkpoint_hook(save, interrupt, config.train.epochs, resume_with,
                                               f" of {what}")
+        if tensorboard:  # each epoch as it ends; the sweep's end rewrites all with HParams
+            live = tb.Live(out / tb.DIRECTORY, resumed_after=stack.epochs_done if resume
+                           else None)
+            on_epoch_end = live.before(on_epoch_end)
 
         t0 = time.perf_counter()
         fit.fit(stack, splits, progress=progress, on_epoch_end=on_epoch_end,
@@ -531,6 +541,8 @@ def _train_chunk(config: SweepConfig, points: list[Variant], splits: fit.Splits,
         seconds = time.perf_counter() - t0
     finally:
         mgr.close()
+        if live is not None:
+            live.close()
     for r in results.values():
         r["compile_seconds"] = stack.compile_seconds
         r["train_seconds"] = stack.train_seconds
@@ -757,7 +769,7 @@ def sweep_and_report(config: SweepConfig, out_dir: str | Path, *,
             with rundir.recording_outcome(out, primary, resume_with, lambda: saved()[0], saved):
                 results = run_sweep(config, splits, out, resume=resume, progress=progress,
                                     echo=echo, interrupt=interrupt, resume_with=resume_with,
-                                    checkpoint_every=checkpoint_every)
+                                    checkpoint_every=checkpoint_every, tensorboard=tensorboard)
                 metrics = assemble(config, results)
                 metrics.update(
                     created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -113,6 +113,14 @@ class Live:
                             summary=scalar(f"epoch/{key}", float(values[step - 1]))))
                 w.flush()
 
+    def before(self, hook):
+        """An on_epoch_end hook that writes the epoch, then calls `hook` (a checkpoint's, which
+        may stop the run)."""
+        def both(stack) -> None:
+            self.epoch(stack)
+            hook(stack)
+        return both
+
     def close(self) -> None:
         for w in self.writers.values():
             w.close()

@@ -489,3 +489,21 @@ def test_a_diverged_original_is_not_compared():
                                   diverged=[{"seed": 0}])}
     metrics = sweep.assemble(sweep.SweepConfig(), results)
     assert [(c["a"], c["b"]) for c in metrics["comparisons"]] == [("x", "baseline")]
+
+
+def test_a_running_sweep_writes_tensorboard_events_after_every_epoch(small, tmp_path):
+    """run_sweep alone (no final rewrite): each chunk's models have their epochs already."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from mnist_jax import tensorboard as tb
+
+    config = sweep.SweepConfig(l2=(0.0, 1e-4), dropout=(0.0,), originals=False, chunk=1,
+                               train=TrainConfig(epochs=2))
+    results = sweep.run_sweep(config, small, tmp_path, progress=False, echo=lambda _: None,
+                              tensorboard=True)
+    for name, r in results.items():
+        acc = ea.EventAccumulator(str(tmp_path / tb.DIRECTORY / tb.run_name(name) / "seed_0"),
+                                  size_guidance={ea.SCALARS: 0})
+        acc.Reload()
+        got = [(e.step, e.value) for e in acc.Scalars("epoch/val_accuracy")]
+        want = r["runs"][0]["history"]["val_accuracy"]
+        assert got == [(i + 1, pytest.approx(v, abs=1e-7)) for i, v in enumerate(want)]
