@@ -212,7 +212,7 @@ def evaluate(model: MLP | Stack, *args, variant: str | None = None, seed: int | 
     images = check_images(images)
     labels = check_labels(labels, len(images))
     stacked = jax.tree.map(lambda a: jnp.asarray(a)[None, None], state)
-    out = programs.evaluate_stack_jit(stacked, jnp.asarray(images), jnp.asarray(labels),
+    out = programs.evaluate_all_rows(stacked, jnp.asarray(images), jnp.asarray(labels),
                                       model=model, batch_size=batch_size,
                                       loss_form=loss or "logits")
     return {k: float(v[0, 0]) for k, v in out.items()}
@@ -236,7 +236,7 @@ def evaluate_models(stack: Stack, images: np.ndarray | jax.Array,
     mesh = placement.batch_mesh(stack.config)
     state = placement.place_state(stack.state, stack.config)
     images, labels = placement.put((images, labels), placement.devices_mesh(stack.config))
-    out = programs.evaluate_stack_jit(state, images, labels, model=stack.model,
+    out = programs.evaluate_all_rows(state, images, labels, model=stack.model,
                                       batch_size=stack.config.eval_batch_size,
                                       batch_sharding=placement.batch_sharding(mesh),
                                       loss_form=stack.config.loss)

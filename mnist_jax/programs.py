@@ -53,7 +53,7 @@ evaluate_rows_jit = jax.jit(evaluate_rows_stack,
                                              "loss_form"))
 
 
-def evaluate_stack_jit(state: TrainState, images, labels, **static) -> dict[str, jax.Array]:
+def evaluate_all_rows(state: TrainState, images, labels, **static) -> dict[str, jax.Array]:
     """Every model of a (S, V) stack on every row of `images`, by the program that evaluates
     row ranges (the row count traced), so a model's numbers are the bits its run reported (a
     constant count lets XLA divide by a rounded reciprocal instead); values of shape (S, V)."""

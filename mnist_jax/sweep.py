@@ -614,7 +614,7 @@ def grid_aliases(config: SweepConfig, results: Mapping[str, Any]) -> dict[str, s
     out = {}
     for hidden in config.shapes:
         at = config.at(hidden)
-        named = {effective(p, at): p.name for p in grid(at)}
+        named = {effective(p, at): p.name for p in _at_shape(grid(at), hidden, config)}
         for name, r in results.items():
             if original_of(name) and tuple(r.get("hidden", config.train.hidden)) == hidden:
                 alias = named.get(effective(outcome.variant_from_json(r["variant"]), at))

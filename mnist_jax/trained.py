@@ -125,7 +125,7 @@ class TrainedRun:
                            _stacked(model.params), None,
                            Hyperparams(v.l2_vector(hidden)[None, None],
                                        v.dropout_vector(hidden)[None, None]))
-        out = programs.evaluate_stack_jit(state, images, labels, model=model.module(),
+        out = programs.evaluate_all_rows(state, images, labels, model=model.module(),
                                           batch_size=model.train.eval_batch_size,
                                           loss_form=model.train.loss)
         return {k: float(np.asarray(a)[0, 0]) for k, a in out.items()}

@@ -436,6 +436,9 @@ def test_a_sweep_over_architectures_trains_each_shape_as_its_own_sweep(small, tm
     chosen = metrics["selection"]["configuration"]
     assert chosen == max(names, key=lambda n: np.mean(
         [run["history"]["val_accuracy"][-1] for run in results[n]["runs"]]))
+    # The baseline is a grid point of each shape (L2 0, dropout 0), named by its shape.
+    assert metrics["configurations"]["24-8 baseline"]["grid_point"] == \
+        "24-8 l2=0 dropout=0 lr=0.001"
     compared = {c["b"] for c in metrics["comparisons"]}
     assert compared == {n for n in names[:4] + names[5:9] if n != chosen}
     assert sweep.original_of("24-8 l2_dropout") == "l2_dropout"
