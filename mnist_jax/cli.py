@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run's kept models on the MNIST test set: the "
                        "report's test numbers, for every seed and their mean unless --seed "
                        "names one.")
-    _model_flags(p)
+    _model_flags(p, "every seed, and their mean")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="MNIST cache (default: $MNIST_JAX_DATA or ~/.cache/mnist_jax)")
     p.set_defaults(func=cmd_evaluate)
@@ -312,14 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
+def _model_flags(parser: argparse.ArgumentParser, seed_default: str = "the run's first"
+                 ) -> None:
     parser.add_argument("--run", type=Path, required=True, metavar="DIR",
                         help="a finished train, experiment or sweep directory")
     parser.add_argument("--variant", default=None,
                         help="its variant (a sweep: configuration) to use (default: the one "
                              "chosen on validation)")
     parser.add_argument("--seed", type=_number(int, "--seed", "an integer"), default=None,
-                        help="its seed, by value (default: the run's first)")
+                        help=f"its seed, by value (default: {seed_default})")
     parser.add_argument("--quiet", action="store_true", help="print nothing but results and "
                                                             "errors")
 
@@ -421,8 +422,10 @@ def cmd_sweep(args) -> int:
     if not args.quiet:
         sel, confs = metrics["selection"], metrics["configurations"]
         on = sel["on"]
-        rows = [f"{'rank':4} {'configuration':36} {on:>13} {'test acc':>9}"]
-        for rank, name in enumerate(sel["ranking"][:5], start=1):
+        shown = min(5, len(sel["ranking"]))
+        rows = [f"the best {shown} of {len(confs)} configurations (all in the report):",
+                f"{'rank':4} {'configuration':36} {on:>13} {'test acc':>9}"]
+        for rank, name in enumerate(sel["ranking"][:shown], start=1):
             st = confs[name]["stats"]
             rows.append(f"{rank:4} {name:36} {st[on]['mean']:13.2%} "
                         f"{st['test_accuracy']['mean']:9.2%}")
@@ -596,10 +599,11 @@ def _loaded(directory: Path):
 
 def _pick(run, variant: str | None, seed: int | None) -> tuple[str, int]:
     """--variant and --seed of a loaded run, checked (default: the chosen, the first)."""
-    if variant is not None and variant not in run.variants:
-        names = ", ".join(run.variants[:12]) + (" ..." if len(run.variants) > 12 else "")
-        raise ConfigError(f"--variant {variant}: the run in {run.directory} has no such "
-                          f"variant; choose one of {names}")
+    kept = list(dict.fromkeys(v for v, _ in run.kept))  # a sweep keeps some of its variants
+    if variant is not None and variant not in kept:
+        names = ", ".join(kept[:12]) + (" ..." if len(kept) > 12 else "")
+        raise ConfigError(f"--variant {variant}: the run in {run.directory} has no model of "
+                          f"that variant; choose one of {names}")
     if seed is not None and seed not in run.seeds:
         raise ConfigError(f"--seed {seed}: the run in {run.directory} has seeds "
                           f"{', '.join(map(str, run.seeds))}; choose one of them")

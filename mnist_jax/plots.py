@@ -249,15 +249,16 @@ def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
                   mean_val: np.ndarray, *, n_seeds: int, chosen: tuple[int, int] | None = None,
                   marks: Mapping[str, tuple[int, int]] | None = None, title: str = "",
                   centre: float | None = None, half_widths: np.ndarray | None = None,
-                  ) -> Figure:
+                  resolution: float = 0.0) -> Figure:
     """Mean validation accuracy (%) over an L2 x dropout grid, `mean_val[i_l2, i_dropout]`
     (NaN: diverged or not trained), every cell annotated with its 95% interval's half-width
     (`half_widths`, same shape) where there are several seeds; the chosen cell framed, the
     cells of `marks` (the original variants) labelled with their names.
 
     Colours are differences from `centre` (the baseline's mean), diverging, and span at
-    least the widest interval either way: differences within the noise stay pale rather
-    than spread over the whole colour scale.
+    least the widest interval either way, and at least `resolution` (a difference the
+    validation set can tell from chance, as a fraction): differences within the noise stay
+    pale rather than spread over the whole colour scale.
     """
     values = np.asarray(mean_val, np.float64).T * 100  # rows: dropout, columns: L2
     half = None if half_widths is None else np.asarray(half_widths, np.float64).T * 100
@@ -270,14 +271,12 @@ def sweep_heatmap(l2_values: Sequence[float], dropout_values: Sequence[float],
     spread = float(np.max(np.abs(finite - mid))) if finite.size else 1.0
     if half is not None and np.isfinite(half).any():
         spread = max(spread, float(np.nanmax(half)))
-    spread = max(spread, 1e-6)
+    spread = max(spread, 100 * resolution, 1e-6)
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values - mid), cmap=cmap, origin="lower",
                       vmin=-spread, vmax=spread, aspect="auto")
-    what = "the baseline" if centre is not None else "the median"
-    fig.colorbar(image, ax=ax, format="%+.2f",
-                 label=f"validation accuracy minus {what} ({mid:.2f}%), points"
-                 + (f"; mean of {n_seeds} seeds" if n_seeds > 1 else "; one seed"))
+    what = "baseline" if centre is not None else "median"
+    fig.colorbar(image, ax=ax, format="%+.2f", label=f"points from the {what} ({mid:.2f}%)")
     for (r, c), value in np.ndenumerate(values):
         strong = np.isfinite(value) and abs(value - mid) > 0.6 * spread
         text = "diverged"
@@ -342,23 +341,28 @@ def sweep_scatter(l2: Sequence[float], dropout: Sequence[float], learning_rate: 
 
 
 def top_curves(curves: Mapping[str, np.ndarray], *, n_seeds: int,
-               references: Sequence[str] = ()) -> Figure:
+               references: Sequence[str] = (), chosen: str | None = None) -> Figure:
     """Validation accuracy (%) per epoch, mean over seeds, of each configuration in `curves`
-    (name -> (epochs,)); the names in `references` (the original variants) dashed."""
-    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    (name -> (epochs,)); the names in `references` (the original variants) dashed, the
+    `chosen` one drawn thicker; the legend beside the axes, every line its own colour."""
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
     ax = fig.subplots()
+    palette = (COLORS if len(curves) <= len(COLORS) else
+               [matplotlib.colormaps["tab20"](i % 20) for i in range(len(curves))])
     n_epochs = 1
     for k, (name, curve) in enumerate(curves.items()):
         curve = np.asarray(curve, np.float64) * 100
         n_epochs = len(curve)
         epochs = np.arange(1, len(curve) + 1)
         ax.plot(epochs, curve, "--" if name in references else "-",
-                color=COLORS[k % len(COLORS)], label=name,
+                color=palette[k % len(palette)],
+                label=f"{name} (chosen)" if name == chosen else name,
+                linewidth=3 if name == chosen else 1.5,
                 marker="o" if len(curve) <= MARKERS_UP_TO else None, markersize=4)
     _epoch_axis(ax, n_epochs)
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)",
            title="The best configurations (solid) and the original variants (dashed): "
                  + (f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"))
     ax.title.set_fontsize(10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -249,6 +249,15 @@ def comparison_table(comparisons: Sequence[Mapping[str, Any]],
     return lines
 
 
+def _placed(layers: Sequence[str], shapes: Sequence[Sequence[int]], output: bool = True) -> str:
+    """Where a sweep puts a regulariser, in words: the layers of its one architecture, or the
+    names as given ('every hidden layer') when the architectures differ in depth."""
+    if len(shapes) == 1:
+        return _layers(resolve_layers(layers, tuple(shapes[0]), output=output))
+    words = {"hidden": "every hidden layer", "all": "every layer"}
+    return ", ".join(words.get(n, n) for n in layers) + " of each architecture"
+
+
 def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
     """A sweep's report: the choice and whether it beats the original variants, the heatmaps,
     the best configurations, then how the numbers were made."""
@@ -315,13 +324,14 @@ def render_sweep(metrics: Mapping[str, Any], top: int = 10) -> str:
     if "sweep_curves" in figs:
         lines += ["## Curves", "", f"![curves]({figs['sweep_curves']})", ""]
     train = cfg["train"]
+    shapes = cfg.get("architectures") or [train["hidden"]]
     lines += [
         "## How these numbers were made",
         "",
-        f"- Search: {SEARCH_NAMES[cfg['search']]}; L2 on "
-        f"{_layers(resolve_layers(cfg['l2_layers'], tuple(train['hidden'])))}, dropout after "
-        f"{_layers(resolve_layers(cfg['dropout_layers'], tuple(train['hidden']), output=False))}"
-        + ("; the original study's four variants trained alongside at learning rate 0.001."
+        f"- Search: {SEARCH_NAMES[cfg['search']]}; L2 on {_placed(cfg['l2_layers'], shapes)}, "
+        f"dropout after {_placed(cfg['dropout_layers'], shapes, output=False)}"
+        + ("; the original study's four variants trained alongside at learning rate 0.001, "
+           "with their own layers (l2: the first hidden kernel only)."
            if cfg["originals"] else "."),
         f"- Choice: {sel['how']}; diverged configurations are not candidates.",
         f"- Data: MNIST from `{data['source']}`, SHA-256 verified; {data['train']:,} training, "

@@ -629,6 +629,19 @@ def _mean_val(metrics: Mapping[str, Any], name: str) -> float:
     return float("nan") if r["diverged"] or on not in r["stats"] else r["stats"][on]["mean"]
 
 
+def _resolution(metrics: Mapping[str, Any]) -> float:
+    """The smallest difference of two mean validation accuracies the validation set can tell
+    from chance at 95% (two binomial proportions near the sweep's mean accuracy, each
+    averaged over the seeds): the heatmap's colours never stretch what lies below it."""
+    n = metrics.get("data", {}).get("validation", 0) * len(metrics["config"]["seeds"])
+    values = [v for name in metrics["configurations"]
+              if math.isfinite(v := _mean_val(metrics, name))]
+    if not n or not values:
+        return 0.0
+    p = float(np.mean(values))
+    return 1.96 * math.sqrt(2 * p * (1 - p) / n)
+
+
 def _half_width(metrics: Mapping[str, Any], name: str) -> float:
     """Half-width of the 95% interval of a configuration's mean validation accuracy."""
     r = metrics["configurations"][name]
@@ -677,6 +690,7 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
                 "n_seeds": n_seeds, "chosen": where.get(chosen), "marks": marks,
                 "centre": None if base is None else _mean_val(metrics, base),
                 "half_widths": half if n_seeds > 1 else None,
+                "resolution": _resolution(metrics),
                 "title": (f"{arch_name(hidden)}: " if several else "")
                          + f"learning rate {lr:g}"
                          + (f", weight decay {wd:g}" if any(config.weight_decay) else "")
@@ -700,7 +714,8 @@ def figures(config: SweepConfig, metrics: Mapping[str, Any], out: Path) -> dict[
     made["sweep_curves"] = ("top_curves", (
         {n: np.mean([[np.nan if x is None else x for x in r["history"][on]]
                      for r in confs[n]["runs"]], axis=0) for n in shown},), {
-        "n_seeds": n_seeds, "references": [n for n in shown if original_of(n)]})
+        "n_seeds": n_seeds, "references": [n for n in shown if original_of(n)],
+        "chosen": chosen})
     return draw_figures(made, out, None)
 
 

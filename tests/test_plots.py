@@ -260,3 +260,12 @@ def test_a_heatmap_does_not_stretch_noise_over_its_colours():
     assert "97.70\n± 0.30" in texts
     wide = plots.sweep_heatmap((0.0, 1e-4), (0.0, 0.2), mean, n_seeds=1, centre=0.9700)
     assert wide.axes[0].images[0].get_clim()[1] == pytest.approx(0.7)  # 97.70 - 97.00
+
+
+def test_one_seeds_heatmap_does_not_stretch_what_the_validation_set_cannot_resolve():
+    """Two cells 0.06 points apart, one seed: the colours span the resolution given (0.32
+    points), so the cells stay pale, not one red and one blue."""
+    mean = np.array([[0.9760, 0.9766]])
+    fig = plots.sweep_heatmap((0.0,), (0.0, 0.2), mean, n_seeds=1, centre=0.9760,
+                              resolution=0.0032)
+    assert fig.axes[0].images[0].get_clim() == (pytest.approx(-0.32), pytest.approx(0.32))

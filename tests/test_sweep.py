@@ -510,3 +510,12 @@ def test_a_running_sweep_writes_tensorboard_events_after_every_epoch(small, tmp_
         got = [(e.step, e.value) for e in acc.Scalars("epoch/val_accuracy")]
         want = r["runs"][0]["history"]["val_accuracy"]
         assert got == [(i + 1, pytest.approx(v, abs=1e-7)) for i, v in enumerate(want)]
+
+
+def test_the_heatmaps_resolution_is_two_binomial_proportions_apart():
+    metrics = {"data": {"validation": 18000}, "config": {"seeds": [0, 1, 2]},
+               "selection": {"on": "val_accuracy"},
+               "configurations": {n: {"diverged": [], "stats": {"val_accuracy": {"mean": m}}}
+                                  for n, m in (("a", 0.97), ("b", 0.98))}}
+    # By hand: p = 0.975 over 54,000 validation images: 1.96 * sqrt(2 * .975 * .025 / 54000).
+    assert sweep._resolution(metrics) == pytest.approx(0.0018623, rel=1e-4)
