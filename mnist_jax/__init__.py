@@ -3,7 +3,7 @@
 The public API, imported on first use (so `import mnist_jax` is cheap and has no side
 effects):
 
-    from mnist_jax import load_mnist, prepare, train, evaluate, VARIANTS, plots
+    from mnist_jax import load_mnist, prepare, train, evaluate, VARIANTS, plots, load_run
 """
 
 import importlib

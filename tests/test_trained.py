@@ -38,6 +38,19 @@ def numpy_logits(params, images):
     return x @ params["output"]["kernel"] + params["output"]["bias"]
 
 
+def run_jax_export_alone(path, x: np.ndarray) -> np.ndarray:
+    """A jax.export file called in a fresh, isolated process where importing mnist_jax
+    fails: what it gives for `x`."""
+    np.save(path.parent / "x.npy", x)
+    code = ("import sys, numpy as np, jax\n"
+            "sys.modules['mnist_jax'] = None  # importing it would now fail\n"
+            f"f = jax.export.deserialize(open({path.name!r}, 'rb').read())\n"
+            "np.save('p.npy', np.asarray(f.call(np.load('x.npy'))))\n")
+    subprocess.run([sys.executable, "-I", "-c", code], cwd=path.parent, check=True,
+                   env=cli_env())
+    return np.load(path.parent / "p.npy")
+
+
 def test_every_model_is_kept_and_listed(study):
     entries = saving.read_index(study)
     assert sorted((e["variant"], e["seed"]) for e in entries) == [
@@ -163,15 +176,10 @@ def test_cli_export_jax_runs_without_this_project(study, tmp_path, capsys, mnist
     target = tmp_path / "model.jax"
     run_main(capsys, "export", "--run", study, "--variant", "baseline", "--seed", 3,
              "--format", "jax", "--out", target)
-    np.save(tmp_path / "x.npy", mnist.test_images[:300].reshape(-1, 784) / np.float32(255))
-    code = ("import sys, numpy as np, jax\n"
-            "sys.modules['mnist_jax'] = None  # importing it would now fail\n"
-            "f = jax.export.deserialize(open('model.jax', 'rb').read())\n"
-            "np.save('p.npy', np.asarray(f.call(np.load('x.npy'))))\n")
-    subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True,
-                   env=cli_env())
+    got = run_jax_export_alone(target, mnist.test_images[:300].reshape(-1, 784)
+                               / np.float32(255))
     expected = load_run(study).probabilities(mnist.test_images[:300], "baseline", 3)
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-6)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
     again = run_main(capsys, "export", "--run", study, "--format", "jax", "--out", target,
                      check=False)
     assert again.returncode == 2 and "exists; choose another --out or add --overwrite" in \
@@ -309,14 +317,7 @@ def test_cli_exports_are_read_back_by_their_own_runtime(fmt, which, study, bf16_
 
         got = onnxruntime.InferenceSession(str(target)).run(None, {"images": x})[0]
     else:
-        np.save(tmp_path / "x.npy", x)
-        code = ("import sys, numpy as np, jax\n"
-                "sys.modules['mnist_jax'] = None\n"
-                "f = jax.export.deserialize(open('model.jax', 'rb').read())\n"
-                "np.save('p.npy', np.asarray(f.call(np.load('x.npy'))))\n")
-        subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, check=True,
-                       env=cli_env())
-        got = np.load(tmp_path / "p.npy")
+        got = run_jax_export_alone(target, x)
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
