@@ -104,11 +104,15 @@ def _check_finite(metrics: EpochMetrics, stack: Stack, epoch: int, steps: int) -
     loss = float(metrics.bad_loss[s, v])
     what = (f"the loss became {loss}" if not np.isfinite(loss) else
             f"the loss exploded to {loss:.3g} (cross-entropy above {DIVERGED_CROSS_ENTROPY:g})")
-    name = stack.variants[v].name
+    variant = stack.variants[v]
+    name = variant.name
+    # A decay whose step (weight_decay * lr) passes 1 flips every weight's sign: name it too.
+    decay = (f" or the weight decay (--weight-decay {variant.weight_decay:g})"
+             if variant.weight_decay else "")
     raise TrainingDiverged(
         f"variant {name!r} (seed {stack.seeds[s]}) diverged: {what} at epoch {epoch + 1}, "
         f"step {step} of {steps}; training stopped there and the last good checkpoint is "
-        f"kept. Lower the learning rate (--lr {stack.config.learning_rate:g}).",
+        f"kept. Lower the learning rate (--lr {stack.config.learning_rate:g}){decay}.",
         variant=name, epoch=epoch + 1, step=step)
 
 

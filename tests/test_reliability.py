@@ -306,6 +306,16 @@ def test_divergence_exits_non_zero_and_keeps_nothing_bad(mnist, tmp_path, capsys
     assert json.loads((out / "run.json").read_text())["status"] == "diverged"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert not (out / "metrics.json").exists()
+    assert "--weight-decay" not in done.stderr  # no decay: only the learning rate to blame
+
+
+def test_divergence_from_weight_decay_names_it(mnist, tmp_path, capsys):
+    """weight_decay * lr = 10: each step multiplies every weight by -9."""
+    done = run_main(capsys, "train", "--variant", "baseline", "--weight-decay", "1e4",
+                    "--epochs", 1, "--out", tmp_path / "run", "--data-dir", mnist.cache_dir,
+                    "--no-compilation-cache", check=False)
+    assert done.returncode == 3, done.stderr
+    assert "or the weight decay (--weight-decay 10000)" in done.stderr
 
 
 def test_divergence_keeps_the_last_good_checkpoint(splits, tmp_path):
