@@ -142,8 +142,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         "Train and validation columns are the last epoch's; train metrics are averaged over "
         "the epoch with dropout active, as Keras reports them. Losses include the L2 penalty, "
-        "as Keras's do." + (" The original study's column is one Keras run of the same recipe."
-                            if original else ""),
+        "as Keras's do. 'Acc on all 60k train' is the final model's accuracy on every "
+        "training image, the held-out validation rows included, without dropout."
+        + (" The original study's column is one Keras run of the same recipe."
+           if original else ""),
         "",
     ]
     if len(variants) > 1:
