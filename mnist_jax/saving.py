@@ -171,6 +171,11 @@ def read_index(out: str | Path) -> list[dict[str, Any]] | None:
     return entries
 
 
+def model_params(host: Params, s: int, v: int) -> Params:
+    """Model (s, v) of a stack's parameters on the host, leaves (S, V, ...)."""
+    return {layer: {leaf: a[s, v] for leaf, a in leaves.items()} for layer, leaves in host.items()}
+
+
 def _write_index(out: Path, entries: list[dict[str, Any]]) -> None:
     files.write_json(_index_path(out), {"format": FORMAT, "models": entries})
 
@@ -183,19 +188,25 @@ def save_stack(out: str | Path, stack, names: Iterable[str] | None = None, *,
     Every process calls it (the parameters may be spread over hosts); only where `write` is
     true are files written.
     """
+    import jax
+
     from mnist_jax import placement
 
     out = Path(out)
-    host = placement.to_host(stack.state.params)  # leaves (S, V, ...)
-    wanted = set(names) if names is not None else None
+    wanted = None if names is None else set(names)
+    chosen = [v for v, variant in enumerate(stack.variants)
+              if wanted is None or variant.name in wanted]
+    if not chosen:
+        return []
+    # Only the kept models leave the devices (a sweep's chunk may hold a thousand).
+    host = placement.to_host(jax.tree.map(lambda a: a[:, np.array(chosen)],
+                                          stack.state.params))  # leaves (S, len(chosen), ...)
     entries = []
-    for v, variant in enumerate(stack.variants):
-        if wanted is not None and variant.name not in wanted:
-            continue
+    for k, v in enumerate(chosen):
+        variant = stack.variants[v]
         for s, seed in enumerate(stack.seeds):
             rel = f"{slug(variant.name)}/seed_{seed}"
-            params = {layer: {leaf: a[s, v] for leaf, a in leaves.items()}
-                      for layer, leaves in host.items()}
+            params = model_params(host, s, k)
             if write:
                 save_model(out / MODELS / rel, params, variant, seed, stack.config)
             entries.append({"variant": variant.name, "seed": seed,

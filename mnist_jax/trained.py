@@ -201,7 +201,7 @@ def _from_checkpoint(run: TrainedRun) -> dict[tuple[str, int], saving.SavedModel
                           "read its models from; resume it (--resume) to finish it")
     host = placement.to_host(stack.state.params)
     return {(variant.name, seed): saving.SavedModel(
-        {layer: {leaf: a[s, v] for leaf, a in leaves.items()} for layer, leaves in host.items()},
+        saving.model_params(host, s, v),
         variant, seed, run.config.train)
         for v, variant in enumerate(stack.variants) for s, seed in enumerate(stack.seeds)}
 
